@@ -1,0 +1,241 @@
+"""Typed wrappers over ``torch.ops.calm_fast.*`` (schemas: csrc/common/schemas.h).
+
+These are the low-level, list-based building blocks.  Conventions (shared by every op):
+
+* ``inputs`` is a task-major list of ``T * L`` tensors: ``inputs[t * L + l]`` is task ``t``'s tensor ``l``.
+  One dtype per call (float32, bfloat16 or float16), one device, contiguous.
+* ``base`` is ``None``/empty (the inputs are task vectors) or ``L`` tensors ``theta_0`` (the inputs are
+  fine-tuned weights; ``tau = input - base`` is computed on the fly in fp32 and never stored).
+* Per-(task, tensor) parameters are ``[T, L]`` tensors; scalars and per-task lists are broadcast.
+* DARE: an element is kept iff ``philox(key[t, l], flat_index) >= p`` (counter-based: identical masks on
+  every device, thread count and order).  Keys come from :func:`dare_keys`.
+* Arithmetic is fp32; outputs are in the input dtype unless ``out_float``.
+
+The merging methods (calm_fast.methods) compose these; most users never call them directly.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._backend import _load
+
+Tensor = torch.Tensor
+TableLike = Union[float, int, Sequence[float], Sequence[Sequence[float]], Tensor]
+
+HIST_HIGH_BINS = 1 << 15
+HIST_LOW_BINS = 1 << 16
+
+
+def _ops():
+    """The op namespace of the active backend (native ops, or the reference fallback)."""
+    if _load() == "reference":
+        from . import reference
+
+        return reference.ReferenceOps
+    return torch.ops.calm_fast
+
+
+def as_table(value: TableLike, T: int, L: int, dtype: torch.dtype, device, name: str) -> Tensor:
+    """Broadcast a scalar, a per-task sequence or a [T, L] table to a contiguous [T, L] tensor."""
+    t = torch.as_tensor(value, dtype=dtype)
+    if t.dim() == 0:
+        t = t.expand(T, L)
+    elif t.dim() == 1:
+        if t.numel() != T:
+            raise ValueError(f"{name}: expected one value per task ({T}), got {t.numel()}")
+        t = t[:, None].expand(T, L)
+    elif tuple(t.shape) != (T, L):
+        raise ValueError(f"{name}: expected shape [{T}, {L}], got {list(t.shape)}")
+    return t.contiguous().to(device)
+
+
+def dare_keys(seed: int, names: Sequence[str], num_tasks: int, device=None) -> Tensor:
+    """[T, L] int64 keys of the DARE generator, derived from (seed, task index, tensor name).
+
+    Keys depend on names, not positions, so a tensor gets the same mask whether it is merged alone,
+    streamed from a file, or merged with the whole model on any device.
+    """
+    keys = torch.empty(num_tasks, len(names), dtype=torch.int64)
+    for t in range(num_tasks):
+        for l, name in enumerate(names):
+            digest = hashlib.blake2b(f"{int(seed)}/{t}/{name}".encode(), digest_size=8).digest()
+            keys[t, l] = int.from_bytes(digest, "little", signed=True)
+    return keys.to(device) if device is not None else keys
+
+
+def _base_list(base: Optional[Sequence[Tensor]]) -> list:
+    return list(base) if base else []
+
+
+def _device(inputs: Sequence[Tensor]):
+    return inputs[0].device if len(inputs) else torch.device("cpu")
+
+
+def abs_histogram_(
+    hist: Tensor,
+    inputs: Sequence[Tensor],
+    base: Optional[Sequence[Tensor]],
+    num_tasks: int,
+    prefix: Optional[Tensor] = None,
+    dare_p: float = 0.0,
+    dare_keys: Optional[Tensor] = None,
+    dare_rescale: bool = True,
+) -> None:
+    """Accumulate magnitude-key histograms in place (level 0 if ``prefix`` is None, else level 1).
+
+    ``hist`` is int64 ``[T, 32768]`` (level 0: bin = key >> 16 of fp32 |tau|) or ``[T, 65536]``
+    (level 1: bin = key & 0xffff, counting only keys with key >> 16 == prefix[t]).
+    """
+    _ops().abs_histogram_(hist, list(inputs), _base_list(base), num_tasks, prefix, float(dare_p), dare_keys,
+                          bool(dare_rescale))
+
+
+def weighted_merge(
+    inputs: Sequence[Tensor],
+    base: Optional[Sequence[Tensor]],
+    num_tasks: int,
+    weights: TableLike = 1.0,
+    scale: float = 1.0,
+    thresholds: Optional[TableLike] = None,
+    strict: bool = False,
+    masks: Optional[Sequence[Tensor]] = None,
+    dare_p: float = 0.0,
+    dare_keys: Optional[Tensor] = None,
+    dare_rescale: bool = True,
+    out_float: bool = False,
+) -> Tuple[list, int]:
+    """``out_l = base_l + scale * sum_t weights[t,l] * keep_t * tau_t`` for every tensor l.
+
+    ``keep`` combines DARE, the magnitude trim (``|tau| >= thresholds[t,l]``, ``>`` when strict) and
+    explicit masks (bool, or uint8 bit-packed).  Returns (outputs, number of non-finite tau values read).
+    """
+    T = num_tasks
+    L = len(inputs) // T if T else 0
+    dev = _device(inputs)
+    w = as_table(weights, T, L, torch.float32, dev, "weights")
+    thr = None if thresholds is None else as_table(thresholds, T, L, torch.float32, dev, "thresholds")
+    out, nonfinite = _ops().weighted_merge(list(inputs), _base_list(base), T, w, float(scale), thr, bool(strict),
+                                           list(masks or []), float(dare_p), dare_keys, bool(dare_rescale),
+                                           bool(out_float))
+    return list(out), int(nonfinite)
+
+
+def ties_merge(
+    inputs: Sequence[Tensor],
+    base: Optional[Sequence[Tensor]],
+    num_tasks: int,
+    thresholds: TableLike,
+    merge: str = "sum",
+    scale: float = 1.0,
+    weights: TableLike = 1.0,
+    zero_sign: Union[int, Sequence[int], Tensor] = 1,
+    strict: bool = False,
+    dare_p: float = 0.0,
+    dare_keys: Optional[Tensor] = None,
+    dare_rescale: bool = True,
+    out_float: bool = False,
+    max_positions: int = 1 << 20,
+):
+    """One fused TIES pass; see :func:`calm_fast.methods.ties.ties_merging` for the full method.
+
+    Returns ``(outputs, sign_sums[L], positions[P], patch[P, 3], cancel_count[L], nonfinite)``.
+    """
+    T = num_tasks
+    L = len(inputs) // T if T else 0
+    dev = _device(inputs)
+    thr = as_table(thresholds, T, L, torch.float32, dev, "thresholds")
+    w = as_table(weights, T, L, torch.float32, dev, "weights")
+    zs = torch.as_tensor(zero_sign, dtype=torch.int64)
+    zs = (zs.expand(L) if zs.dim() == 0 else zs).contiguous().to(dev)
+    out, sign_sums, positions, patch, cancel, nonfinite = _ops().ties_merge(
+        list(inputs), _base_list(base), T, thr, bool(strict), w, merge, float(scale), zs, float(dare_p), dare_keys,
+        bool(dare_rescale), bool(out_float), int(max_positions))
+    return list(out), sign_sums, positions, patch, cancel, int(nonfinite)
+
+
+def consensus_merge(
+    inputs: Sequence[Tensor],
+    base: Optional[Sequence[Tensor]],
+    num_tasks: int,
+    tall_lambdas: Union[float, Sequence[float], Tensor] = 0.6,
+    mtl: Optional[Sequence[Tensor]] = None,
+    min_count: int = 2,
+    alpha: float = 1.0,
+    return_masks: bool = False,
+    out_float: bool = False,
+):
+    """Consensus merge; returns ``(outputs, packed_masks (T*L uint8, empty unless asked), nonfinite)``."""
+    T = num_tasks
+    dev = _device(inputs)
+    lam = torch.as_tensor(tall_lambdas, dtype=torch.float32)
+    lam = (lam.expand(T) if lam.dim() == 0 else lam).contiguous().to(dev)
+    out, masks, nonfinite = _ops().consensus_merge(list(inputs), _base_list(base), T, lam, list(mtl or []),
+                                                   int(min_count), float(alpha), bool(return_masks),
+                                                   bool(out_float))
+    return list(out), list(masks), int(nonfinite)
+
+
+def unpack_mask(packed: Tensor, numel: int) -> Tensor:
+    """Bit-packed uint8 mask (element i = bit i % 8 of byte i // 8) -> bool tensor of ``numel`` elements."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """bool tensor -> bit-packed uint8 (the inverse of :func:`unpack_mask`)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=flat.device)).to(torch.uint8)
+    return (flat.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck.
+# ---------------------------------------------------------------------------------------------
+def _register_fakes() -> None:
+    lib = "calm_fast"
+    if not hasattr(torch.ops, lib) or not hasattr(torch.ops.calm_fast, "weighted_merge"):
+        return
+
+    def _outs(inputs, num_tasks, out_float):
+        L = len(inputs) // num_tasks
+        return [torch.empty_like(inputs[l], dtype=torch.float32 if out_float else inputs[l].dtype) for l in range(L)]
+
+    def _scalar(like_list):
+        dev = like_list[0].device if like_list else torch.device("cpu")
+        return torch.empty((), dtype=torch.int64, device=dev)
+
+    @torch.library.register_fake("calm_fast::abs_histogram_")
+    def _(hist, inputs, base, num_tasks, prefix, dare_p, dare_keys, dare_rescale):
+        return None
+
+    @torch.library.register_fake("calm_fast::weighted_merge")
+    def _(inputs, base, num_tasks, weights, scale, thresholds, strict, masks, dare_p, dare_keys, dare_rescale,
+          out_float):
+        return _outs(inputs, num_tasks, out_float), _scalar(inputs)
+
+    @torch.library.register_fake("calm_fast::ties_merge")
+    def _(inputs, base, num_tasks, thresholds, strict, weights, merge, scale, zero_sign, dare_p, dare_keys,
+          dare_rescale, out_float, max_positions):
+        L = len(inputs) // num_tasks
+        dev = inputs[0].device if inputs else torch.device("cpu")
+        ctx = torch.library.get_ctx()
+        p = ctx.new_dynamic_size()
+        return (_outs(inputs, num_tasks, out_float), torch.empty(L, dtype=torch.int64, device=dev),
+                torch.empty(p, dtype=torch.int64, device=dev), torch.empty(p, 3, dtype=torch.float32, device=dev),
+                torch.empty(L, dtype=torch.int64, device=dev), _scalar(inputs))
+
+    @torch.library.register_fake("calm_fast::consensus_merge")
+    def _(inputs, base, num_tasks, tall_lambdas, mtl, min_count, alpha, return_masks, out_float):
+        L = len(inputs) // num_tasks
+        masks = []
+        if return_masks:
+            masks = [inputs[i % L].new_empty(((inputs[i % L].numel() + 7) // 8,), dtype=torch.uint8)
+                     for i in range(num_tasks * L)]
+        return _outs(inputs, num_tasks, out_float), masks, _scalar(inputs)

@@ -1,0 +1,321 @@
+"""Pure-PyTorch reference implementations: the executable specification (ALGORITHMS.md).
+
+Two layers, both written directly from ALGORITHMS.md and independent of the C++/CUDA kernels:
+
+* **Op references** (:class:`ReferenceOps`): the same signatures as ``torch.ops.calm_fast.*``.  Tests
+  compare every kernel with them; ``CALM_FAST_FALLBACK=reference`` runs the whole library on them.
+* **Method references** (``*_reference`` functions): whole methods on state dicts, written the way the
+  public reference code computes them (flatten all keys in sorted order, ``torch.kthvalue``, sign of a
+  sum, ...), deliberately naive: clarity over speed and memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+# ------------------------------------------------------------------------------------------------
+# Philox-4x32-10 (DARE's counter-based generator) in int64 torch arithmetic
+# ------------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: Tensor):
+    """(hi, lo) 32-bit halves of a * b for a constant a and uint32 values b held in int64."""
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    p0 = b_lo * a
+    p1 = b_hi * a
+    s = p0 + ((p1 & 0xFFFF) << 16)
+    return (s >> 32) + (p1 >> 16), s & _M32
+
+
+def philox_uniform(counter: Tensor, key: int) -> Tensor:
+    """Uniform [0, 1) floats (2^-24 grid) of Philox-4x32-10 word 0 for int64 counters and a 64-bit key."""
+    key &= (1 << 64) - 1
+    c0 = counter & _M32
+    c1 = (counter >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = key & _M32, key >> 32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo32(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return (c0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def dare_reference(tau: Tensor, p: float, key: int, rescale: bool = True) -> Tensor:
+    """DARE on one fp32 task-vector tensor: keep iff u >= p, survivors times 1/(1-p) (0 if p == 1)."""
+    if p <= 0:
+        return tau
+    flat = tau.reshape(-1)
+    u = philox_uniform(torch.arange(flat.numel(), dtype=torch.int64), int(key) & ((1 << 64) - 1))
+    keep = u >= p
+    factor = (1.0 / (1.0 - p) if p < 1 else 0.0) if rescale else 1.0
+    factor = torch.tensor(factor, dtype=torch.float32)
+    return torch.where(keep, flat * factor, torch.zeros_like(flat)).reshape(tau.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Op references (signatures of torch.ops.calm_fast.*)
+# ------------------------------------------------------------------------------------------------
+def _taus(inputs, base, T, dare_p=0.0, dare_keys=None, dare_rescale=True) -> List[List[Tensor]]:
+    """taus[t][l] in fp32 (tau = input - base when a base is given), DARE applied."""
+    L = len(inputs) // T
+    out = []
+    for t in range(T):
+        row = []
+        for l in range(L):
+            x = inputs[t * L + l].float()
+            if base:
+                x = x - base[l].float()
+            if dare_p > 0:
+                x = dare_reference(x, dare_p, int(dare_keys[t, l]), dare_rescale)
+            row.append(x)
+        out.append(row)
+    return out
+
+
+def _keys(x: Tensor) -> Tensor:
+    return x.float().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def _nonfinite(taus) -> int:
+    return int(sum((~torch.isfinite(x)).sum() for row in taus for x in row))
+
+
+class ReferenceOps:
+    """Pure-PyTorch versions of the native ops (same arguments and results)."""
+
+    @staticmethod
+    def build_info() -> str:
+        return "pure-PyTorch reference"
+
+    @staticmethod
+    def abs_histogram_(hist, inputs, base, num_tasks, prefix, dare_p, dare_keys, dare_rescale):
+        T = num_tasks
+        taus = _taus(inputs, base, T, dare_p, dare_keys, dare_rescale)
+        for t in range(T):
+            if not taus[t]:
+                continue
+            k = torch.cat([_keys(x).reshape(-1) for x in taus[t]]).to(hist.device)
+            if prefix is None:
+                hist[t] += torch.bincount(k >> 16, minlength=hist.shape[1])
+            elif int(prefix[t]) >= 0:
+                sel = k[(k >> 16) == int(prefix[t])]
+                hist[t] += torch.bincount(sel & 0xFFFF, minlength=hist.shape[1])
+
+    @staticmethod
+    def weighted_merge(inputs, base, num_tasks, weights, scale, thresholds, strict, masks, dare_p, dare_keys,
+                       dare_rescale, out_float):
+        T = num_tasks
+        L = len(inputs) // T
+        taus = _taus(inputs, base, T, dare_p, dare_keys, dare_rescale)
+        outs = []
+        for l in range(L):
+            acc = torch.zeros(inputs[l].shape, dtype=torch.float32, device=inputs[l].device)
+            for t in range(T):
+                x = taus[t][l]
+                if thresholds is not None:
+                    thr = float(thresholds[t, l])
+                    x = torch.where(x.abs() > thr if strict else x.abs() >= thr, x, torch.zeros_like(x))
+                if masks:
+                    m = masks[t * L + l]
+                    if m.dtype == torch.uint8:
+                        from .ops import unpack_mask
+
+                        m = unpack_mask(m, x.numel()).reshape(x.shape)
+                    x = torch.where(m.reshape(x.shape), x, torch.zeros_like(x))
+                acc = acc + float(weights[t, l]) * x
+            res = (base[l].float() + scale * acc) if base else scale * acc
+            outs.append(res.to(torch.float32 if out_float else inputs[l].dtype))
+        return outs, torch.tensor(_nonfinite(taus))
+
+    @staticmethod
+    def ties_merge(inputs, base, num_tasks, thresholds, strict, weights, merge, scale, zero_sign, dare_p, dare_keys,
+                   dare_rescale, out_float, max_positions):
+        T = num_tasks
+        L = len(inputs) // T
+        taus = _taus(inputs, base, T, dare_p, dare_keys, dare_rescale)
+        outs, sign_sums, cancel, positions, patches = [], [], [], [], []
+        offset = 0
+        for l in range(L):
+            vals = []
+            for t in range(T):
+                x = taus[t][l].reshape(-1)
+                thr = float(thresholds[t, l])
+                keep = x.abs() > thr if strict else x.abs() >= thr
+                vals.append(torch.where(keep, x * float(weights[t, l]), torch.zeros_like(x)))
+            V = torch.stack(vals) if vals else torch.zeros(0, 0)
+            s = torch.zeros(V.shape[1])
+            for t in range(T):  # sequential sum, t ascending (the kernels' order)
+                s = s + V[t]
+            gamma = torch.sign(s)
+            cancelled = (gamma == 0) & (V != 0).any(dim=0)
+            sign_sums.append(int(gamma.sum()))
+            cancel.append(int(cancelled.sum()))
+            b = base[l].float().reshape(-1) if base else None
+
+            def merged(zs: float) -> Tensor:
+                g = torch.where(gamma != 0, gamma, torch.full_like(gamma, zs))
+                keep = torch.where(g > 0, V > 0, V < 0)
+                E = torch.where(keep, V, torch.zeros_like(V))
+                if merge == "sum":
+                    r = torch.zeros_like(s)
+                    for t in range(T):
+                        r = r + E[t]
+                elif merge == "mean":
+                    r = torch.zeros_like(s)
+                    for t in range(T):
+                        r = r + E[t]
+                    r = r / keep.sum(dim=0).clamp(min=1).float()
+                elif merge == "max":
+                    r = g * E.abs().amax(dim=0) if T else s
+                else:
+                    raise ValueError(f"merge must be sum, mean or max, got {merge!r}")
+                return (b + scale * r) if b is not None else scale * r
+
+            res = merged(float(zero_sign[l]))
+            outs.append(res.reshape(inputs[l].shape).to(torch.float32 if out_float else inputs[l].dtype))
+            idx = torch.nonzero(cancelled).reshape(-1)
+            if idx.numel():
+                positions.append(idx + offset)
+                patches.append(torch.stack([merged(1.0)[idx], merged(-1.0)[idx], merged(0.0)[idx]], dim=1))
+            offset += inputs[l].numel()
+        pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+        pat = torch.cat(patches) if patches else torch.zeros(0, 3)
+        return (outs, torch.tensor(sign_sums, dtype=torch.int64), pos[:max_positions], pat[:max_positions],
+                torch.tensor(cancel, dtype=torch.int64), torch.tensor(_nonfinite(taus)))
+
+    @staticmethod
+    def consensus_merge(inputs, base, num_tasks, tall_lambdas, mtl, min_count, alpha, return_masks, out_float):
+        from .ops import pack_mask
+
+        T = num_tasks
+        L = len(inputs) // T
+        taus = _taus(inputs, base, T)
+        outs, masks = [], [None] * (T * L)
+        for l in range(L):
+            if mtl:
+                m = mtl[l].float().reshape(taus[0][l].shape)
+            else:
+                m = torch.zeros_like(taus[0][l])
+                for t in range(T):
+                    m = m + taus[t][l]
+            count = torch.zeros(m.shape, dtype=torch.int64)
+            for t in range(T):
+                mk = taus[t][l].abs() > float(tall_lambdas[t]) * (m - taus[t][l]).abs()
+                count += mk
+                if return_masks:
+                    masks[t * L + l] = pack_mask(mk)
+            kept = torch.where(count >= min_count, m, torch.zeros_like(m))
+            res = (base[l].float() + alpha * kept) if base else alpha * kept
+            outs.append(res.to(torch.float32 if out_float else inputs[l].dtype))
+        return outs, (masks if return_masks else []), torch.tensor(_nonfinite(taus))
+
+
+# ------------------------------------------------------------------------------------------------
+# Method references on state dicts (ALGORITHMS.md §1-§4), the way the public code computes them
+# ------------------------------------------------------------------------------------------------
+def _float_keys(sd: Mapping[str, Tensor], keys: Optional[Sequence[str]] = None) -> List[str]:
+    ks = sorted(keys if keys is not None else sd.keys())
+    return [k for k in ks if sd[k].is_floating_point()]
+
+
+def _flatten(sd: Mapping[str, Tensor], keys: Sequence[str]) -> Tensor:
+    return torch.cat([sd[k].float().reshape(-1) for k in keys]) if keys else torch.zeros(0)
+
+
+def _unflatten(vec: Tensor, like: Mapping[str, Tensor], keys: Sequence[str]) -> Dict[str, Tensor]:
+    out, i = {}, 0
+    for k in keys:
+        n = like[k].numel()
+        out[k] = vec[i:i + n].reshape(like[k].shape)
+        i += n
+    return out
+
+
+def task_arithmetic_reference(pretrained, finetuned, scaling: float = 0.3, keys=None) -> Dict[str, Tensor]:
+    """θ = θ0 + λ Σ_t τ_t (§1), FusionBench order: Σ τ_t first, then × λ, then + θ0 (fp32)."""
+    keys = _float_keys(pretrained, keys)
+    out = {}
+    for k in keys:
+        acc = torch.zeros_like(pretrained[k], dtype=torch.float32)
+        for ft in finetuned:
+            acc = acc + (ft[k].float() - pretrained[k].float())
+        out[k] = pretrained[k].float() + scaling * acc
+    return out
+
+
+def topk_values_mask_reference(M: Tensor, K: float) -> Tensor:
+    """P1 on each row of M (the TIES helper): keep |x| >= the (d - floor(K*d))-th smallest |x|."""
+    if K > 1:
+        K /= 100
+    d = M.shape[1]
+    k = d - int(math.floor(K * d))
+    kth = M.abs().kthvalue(k, dim=1, keepdim=True).values
+    return M.abs() >= kth
+
+
+def ties_merging_reference(pretrained, finetuned, density: float = 0.2, merge: str = "sum", scaling: float = 0.3,
+                           keys=None) -> Dict[str, Tensor]:
+    """TIES (§2) on the globally flattened task vectors: trim (P1), elect with the global majority sign
+    for zero elections, disjoint sum/mean/max, θ = θ0 + λ τ_m."""
+    keys = _float_keys(pretrained, keys)
+    ptm = _flatten(pretrained, keys)
+    V = torch.stack([_flatten(ft, keys) - ptm for ft in finetuned])
+    if density < 1.0:
+        V = V * topk_values_mask_reference(V, density)
+    s = V.sum(dim=0)
+    gamma = torch.sign(s)
+    mu = torch.sign(gamma.sum())
+    gamma = torch.where(gamma == 0, mu, gamma)
+    keep = torch.where(gamma.unsqueeze(0) > 0, V > 0, V < 0)
+    E = V * keep
+    if merge == "sum":
+        tm = E.sum(dim=0)
+    elif merge == "mean":
+        tm = E.sum(dim=0) / (E != 0).sum(dim=0).clamp(min=1).float()
+    elif merge == "max":
+        tm = E.abs().max(dim=0).values * gamma
+    else:
+        raise ValueError(merge)
+    return _unflatten(ptm + scaling * tm, pretrained, keys)
+
+
+def dare_merging_reference(pretrained, finetuned, p: float = 0.5, seed: int = 0, scaling: float = 0.3,
+                           rescale: bool = True, keys=None) -> Dict[str, Tensor]:
+    """DARE (§3) + task arithmetic, with the library's Philox keys (calm_fast.ops.dare_keys)."""
+    from .ops import dare_keys
+
+    keys = _float_keys(pretrained, keys)
+    K = dare_keys(seed, keys, len(finetuned))
+    out = {}
+    for l, k in enumerate(keys):
+        acc = torch.zeros_like(pretrained[k], dtype=torch.float32)
+        for t, ft in enumerate(finetuned):
+            acc = acc + dare_reference(ft[k].float() - pretrained[k].float(), p, int(K[t, l]), rescale)
+        out[k] = pretrained[k].float() + scaling * acc
+    return out
+
+
+def consensus_merging_reference(pretrained, finetuned, tall_lambdas=0.6, min_count: int = 2, alpha: float = 1.0,
+                                keys=None):
+    """TALL masks + consensus (§4) with τ_MTL = Σ τ_t (unscaled): returns (merged, per-task bool masks)."""
+    keys = _float_keys(pretrained, keys)
+    ptm = _flatten(pretrained, keys)
+    taus = [_flatten(ft, keys) - ptm for ft in finetuned]
+    mtl = torch.zeros_like(ptm)
+    for x in taus:
+        mtl = mtl + x
+    lam = [tall_lambdas] * len(taus) if isinstance(tall_lambdas, (int, float)) else list(tall_lambdas)
+    masks = [x.abs() > lam[t] * (mtl - x).abs() for t, x in enumerate(taus)]
+    count = torch.stack(masks).sum(dim=0)
+    merged = ptm + alpha * torch.where(count >= min_count, mtl, torch.zeros_like(mtl))
+    return _unflatten(merged, pretrained, keys), [_unflatten(m, pretrained, keys) for m in masks]

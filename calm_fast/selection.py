@@ -1,0 +1,148 @@
+"""Exact global magnitude selection over lists of tensors, without concatenating them.
+
+The k-th smallest ``|tau|`` of a task's whole (virtual) flattened vector is found by two counting passes
+of the ``abs_histogram_`` op (radix select on fp32 magnitude keys, see csrc/cpu/selection_cpu.cpp):
+
+1. count the high 15 bits of every key -> the bucket holding the k-th key (prefix sums);
+2. count the low 16 bits of the keys inside that bucket only -> the exact key.
+
+The result is bit-identical to ``torch.kthvalue(torch.cat([x.abs().flatten() for x in xs]).float(), k)``
+(P1 in ALGORITHMS.md), works past 2**31 elements (int64 counts), for fp32/bf16/fp16, for T tasks in one
+call, and needs memory for two small histograms only.  Because histograms add, the same two passes run
+over tensors streamed from disk (:class:`ThresholdFinder`) or sharded across processes (all-reduce).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import torch
+
+from . import ops
+
+Tensor = torch.Tensor
+
+# Threshold meaning "keep every element" for the >= rule (|x| >= 0 for every non-NaN x).
+KEEP_ALL = 0.0
+# Threshold meaning "keep nothing" for the strict > rule.
+KEEP_NONE_STRICT = float("inf")
+
+
+def _find_rank(hist: Tensor, k: Tensor) -> tuple:
+    """For each row, the bin holding the k-th (1-indexed) count and the rank of k inside that bin."""
+    cum = hist.cumsum(dim=1)
+    kk = k.clamp(min=1).to(cum.dtype)[:, None]
+    bin_ = torch.searchsorted(cum, kk).squeeze(1)  # first bin whose cumulative count >= k
+    below = torch.where(bin_ > 0, cum.gather(1, (bin_ - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(bin_))
+    return bin_, k - below
+
+
+class ThresholdFinder:
+    """Incremental exact k-th smallest |tau| for T tasks, fed tensor by tensor in two passes.
+
+    Usage (streaming):  ``for chunk in pass(): finder.add(chunk_inputs, chunk_base)`` with
+    ``finder.level == 0``; then ``finder.next_level()``; then the same passes again; then
+    ``finder.thresholds()``.  For distributed runs, ``finder.hist`` can be all-reduced (summed) across
+    ranks before ``next_level()`` and ``thresholds()``.
+    """
+
+    def __init__(self, num_tasks: int, ks: Sequence[int], device=None, dare_p: float = 0.0,
+                 dare_rescale: bool = True):
+        self.T = int(num_tasks)
+        self.k = torch.as_tensor(list(ks), dtype=torch.int64)
+        if self.k.numel() != self.T:
+            raise ValueError(f"need one k per task ({self.T}), got {self.k.numel()}")
+        self.device = device if device is not None else torch.device("cpu")
+        self.dare_p = float(dare_p)
+        self.dare_rescale = bool(dare_rescale)
+        self.level = 0
+        self.hist = torch.zeros(self.T, ops.HIST_HIGH_BINS, dtype=torch.int64, device=self.device)
+        self.prefix: Optional[Tensor] = None
+        self.rank: Optional[Tensor] = None
+        self.count = torch.zeros(self.T, dtype=torch.int64)
+
+    def add(self, inputs: Sequence[Tensor], base: Optional[Sequence[Tensor]] = None,
+            dare_keys: Optional[Tensor] = None) -> None:
+        """Count one group of tensors (task-major, ``T * L`` of them, one dtype)."""
+        if not len(inputs):
+            return
+        if self.level == 0:
+            L = len(inputs) // self.T
+            self.count += torch.tensor([sum(inputs[t * L + l].numel() for l in range(L)) for t in range(self.T)])
+        hist = self.hist if self.hist.device == inputs[0].device else torch.zeros_like(self.hist, device=inputs[0].device)
+        prefix = None if self.prefix is None else self.prefix.to(inputs[0].device)
+        ops.abs_histogram_(hist, inputs, base, self.T, prefix, self.dare_p, dare_keys, self.dare_rescale)
+        if hist is not self.hist:
+            self.hist += hist.to(self.hist.device)
+
+    def next_level(self) -> None:
+        """Finish the first pass: locate each task's bucket and prepare the refinement pass."""
+        if self.level != 0:
+            raise RuntimeError("next_level() called twice")
+        n = self.count
+        if bool(((self.k < 0) | (self.k > n)).any()):
+            raise ValueError(f"k out of range: k={self.k.tolist()} for task sizes {n.tolist()}")
+        bucket, rank = _find_rank(self.hist.cpu(), self.k)
+        self.prefix = torch.where(self.k > 0, bucket, torch.full_like(bucket, -1))
+        self.rank = rank
+        self.level = 1
+        self.hist = torch.zeros(self.T, ops.HIST_LOW_BINS, dtype=torch.int64, device=self.device)
+
+    def thresholds(self) -> Tensor:
+        """fp32 [T]: the exact k-th smallest |tau| per task (``KEEP_ALL`` where k == 0)."""
+        if self.level != 1:
+            raise RuntimeError("thresholds() needs both passes")
+        low, _ = _find_rank(self.hist.cpu(), self.rank)
+        keys = (self.prefix.clamp(min=0) << 16) | low
+        values = keys.to(torch.int32).view(torch.float32)
+        return torch.where(self.k > 0, values, torch.full_like(values, KEEP_ALL))
+
+
+def kth_smallest_abs(inputs: Sequence[Tensor], base: Optional[Sequence[Tensor]], num_tasks: int,
+                     ks: Sequence[int], dare_p: float = 0.0, dare_keys: Optional[Tensor] = None,
+                     dare_rescale: bool = True, groups: Optional[Iterable[Sequence[int]]] = None) -> Tensor:
+    """Exact k-th smallest |tau| (1-indexed) per task over a resident task-major list of tensors.
+
+    ``k = 0`` for a task returns ``KEEP_ALL`` (0.0).  ``groups`` optionally lists index sets ``[l...]`` of
+    tensors sharing one dtype (mixed-dtype models), each counted with its own op call.
+    """
+    T = int(num_tasks)
+    L = len(inputs) // T if T else 0
+    finder = ThresholdFinder(T, ks, device=inputs[0].device if L else None, dare_p=dare_p,
+                             dare_rescale=dare_rescale)
+    groups = [list(range(L))] if groups is None else [list(g) for g in groups]
+
+    def run_pass() -> None:
+        for g in groups:
+            sub = [inputs[t * L + l] for t in range(T) for l in g]
+            sub_base = [base[l] for l in g] if base else None
+            keys = dare_keys[:, g] if dare_keys is not None else None
+            finder.add(sub, sub_base, keys.contiguous() if keys is not None else None)
+
+    run_pass()
+    finder.next_level()
+    if bool((finder.k > 0).any()):
+        run_pass()
+    return finder.thresholds()
+
+
+def topk_fraction_to_k(n: int, density: float) -> int:
+    """P1 rank: the threshold is the ``(n - floor(density * n))``-th smallest |x| (ALGORITHMS.md §0.4).
+
+    ``density`` in (0, 1]; density == 1 gives k = 0 (no trim).  The kept set is every |x| >= threshold:
+    at least ``floor(density * n) + 1`` entries, more with ties.
+    """
+    import math
+
+    if not (0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return n - math.floor(density * n)
+
+
+def strict_topk_to_k(n: int, fraction: float) -> int:
+    """P2 rank (CALM / Localize-and-Stitch): ``k = int(fraction * n)`` largest; the threshold is the
+    k-th largest = ``(n - k + 1)``-th smallest |x| and the kept set is ``|x| > threshold`` (ties dropped:
+    at most k - 1 entries).  Returns the k-th-smallest rank, or 0 when k == 0 (keep nothing)."""
+    if not (0.0 <= fraction <= 1.0):
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    k = int(fraction * n)
+    return 0 if k == 0 else n - k + 1

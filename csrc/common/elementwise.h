@@ -1,0 +1,164 @@
+// Per-element math shared verbatim by the CPU kernels (csrc/cpu), the CUDA kernels (csrc/cuda) and the
+// emulated CUDA build.  Keeping one copy of every formula is what makes "CUDA == CPU, bit for bit" a
+// property of indexing alone, which the emulator tests then check.
+//
+// Nothing here allocates, throws or touches torch: plain functions on floats and integers.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define CF_HD __host__ __device__ __forceinline__
+#elif defined(CALM_FAST_EMULATE_CUDA)
+#define CF_HD inline
+#else
+#define CF_HD inline __attribute__((always_inline))
+#endif
+
+namespace calm_fast {
+
+// ---------------------------------------------------------------------------------------------
+// Magnitude keys.  For IEEE floats, clearing the sign bit gives an unsigned integer that is monotone
+// in |x| (+0 == -0 -> 0, denormals < normals < inf < NaN).  All selection works on fp32 keys: bf16 and
+// fp16 convert to fp32 exactly, so a threshold over a mixed list equals torch.kthvalue on the
+// fp32-promoted concatenation, and equals it on an all-bf16 (or all-fp16) concatenation too.
+// ---------------------------------------------------------------------------------------------
+constexpr int kHistHighBins = 1 << 15;  // level 0: key >> 16  (the sign bit is already cleared)
+constexpr int kHistLowBins = 1 << 16;   // level 1: key & 0xffff, only for keys whose high part == prefix
+constexpr uint32_t kNonFiniteKey = 0x7f800000u;  // keys >= this are inf or NaN
+
+CF_HD uint32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(v);
+#else
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+#endif
+}
+
+CF_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+#endif
+}
+
+CF_HD uint32_t abs_key(float v) { return float_bits(v) & 0x7fffffffu; }
+
+CF_HD bool is_nonfinite(float v) { return abs_key(v) >= kNonFiniteKey; }
+
+// ---------------------------------------------------------------------------------------------
+// Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), used as a
+// counter-based generator: counter = element index, key = per-(seed, task, tensor) 64-bit key.
+// ---------------------------------------------------------------------------------------------
+CF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+CF_HD uint32_t philox_first_word(uint64_t counter, uint64_t key) {
+  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
+  uint32_t c2 = 0u, c3 = 0u;
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(0xD2511F53u, c0, hi0, lo0);
+    mulhilo32(0xCD9E8D57u, c2, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Uniform in [0, 1) on a 2^-24 grid (exact in fp32).
+CF_HD float philox_uniform(uint64_t counter, uint64_t key) {
+  return static_cast<float>(philox_first_word(counter, key) >> 8) * (1.0f / 16777216.0f);
+}
+
+// DARE drop-and-rescale of one element.  Kept iff u >= p (p = 0 keeps all, p = 1 drops all).
+// With rescale the survivor is multiplied by 1/(1-p); p == 1 gives 0, never NaN.
+struct DareParams {
+  float p = 0.f;          // drop probability; <= 0 disables DARE
+  float inv_keep = 1.f;   // 1/(1-p) when rescaling, else 1
+};
+
+CF_HD float dare_apply(float v, const DareParams& d, uint64_t key, int64_t index) {
+  if (d.p <= 0.f) return v;
+  const float u = philox_uniform(static_cast<uint64_t>(index), key);
+  return (u >= d.p) ? v * d.inv_keep : 0.f;
+}
+
+// tau of one element: the input itself, or input - base (fp32) when the inputs are fine-tuned weights.
+template <typename scalar_t>
+CF_HD float load_tau(const scalar_t* in, const scalar_t* base, int64_t i) {
+  float v = static_cast<float>(in[i]);
+  if (base != nullptr) v -= static_cast<float>(base[i]);
+  return v;
+}
+
+// Trim rule: P1 keeps |x| >= t (ties kept), P2 ("strict", CALM/L&S) keeps |x| > t (ties dropped).
+CF_HD bool trim_keep(float v, float threshold, bool strict) {
+  const float a = v < 0.f ? -v : v;
+  return strict ? (a > threshold) : (a >= threshold);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TIES elect + disjoint merge of one element (ALGORITHMS.md §2, steps 2-3).
+//   `load(t)` returns task t's trimmed (and weighted) value.
+//   zero_sign is the sign used where the elected sign is exactly 0 (the global majority mu).
+// Sets `gamma` to the unresolved elected sign and `cancelled` when gamma == 0 while some trimmed
+// value is non-zero: only there does the result depend on zero_sign.
+// ---------------------------------------------------------------------------------------------
+enum TiesMerge : int { kTiesSum = 0, kTiesMean = 1, kTiesMax = 2 };
+
+template <class Load>
+CF_HD float ties_element(const Load& load, int num_tasks, int merge, float zero_sign, int& gamma,
+                         bool& cancelled) {
+  float s = 0.f;
+  bool any_nonzero = false;
+  for (int t = 0; t < num_tasks; ++t) {
+    const float v = load(t);
+    s += v;
+    any_nonzero |= (v != 0.f);
+  }
+  gamma = (s > 0.f) - (s < 0.f);
+  cancelled = (gamma == 0) && any_nonzero;
+  const float g = gamma != 0 ? static_cast<float>(gamma) : zero_sign;
+  float acc = 0.f, mx = 0.f;
+  int count = 0;
+  for (int t = 0; t < num_tasks; ++t) {
+    const float v = load(t);
+    // gamma > 0 keeps positives, otherwise (gamma < 0, or an unresolved 0) negatives; zeros never.
+    const bool keep = (g > 0.f) ? (v > 0.f) : (v < 0.f);
+    if (keep) {
+      acc += v;
+      count += 1;
+      const float a = v < 0.f ? -v : v;
+      mx = a > mx ? a : mx;
+    }
+  }
+  if (merge == kTiesSum) return acc;
+  if (merge == kTiesMean) return acc / static_cast<float>(count > 1 ? count : 1);
+  return g * mx;
+}
+
+// Consensus / TALL mask of one task at one element (ALGORITHMS.md §4): |tau_t| > lambda_t |mtl - tau_t|.
+CF_HD bool tall_mask(float tau, float mtl, float lambda_t) {
+  const float a = tau < 0.f ? -tau : tau;
+  const float d = mtl - tau;
+  const float b = d < 0.f ? -d : d;
+  return a > lambda_t * b;
+}
+
+}  // namespace calm_fast

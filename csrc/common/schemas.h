@@ -1,0 +1,44 @@
+// Every op schema of calm_fast, in one list.  registration.cpp defines them in the `calm_fast`
+// namespace; the emulator module (csrc/testing/emu_module.cpp) defines the same list in `calm_fast_emu`
+// so that the CUDA sources, compiled for the CPU emulator, are exercised through identical signatures.
+//
+// Conventions shared by all merge ops (see calm_fast/ops.py for the Python-side documentation):
+//   inputs   T*L tensors, task-major (inputs[t*L + l] is task t's tensor l); all of one dtype
+//            (float32, bfloat16 or float16), contiguous, same device.
+//   base     either empty (inputs are task vectors tau) or L tensors theta_0 (inputs are fine-tuned
+//            weights; tau = input - base is computed on the fly in fp32, never stored).
+//   weights / thresholds / dare_keys are [T, L] tensors (float32 / float32 / int64).
+//   DARE: an element of task t, tensor l, flat index i is kept iff philox(key[t,l], i) >= p
+//         (a counter-based generator: the same mask on any device, thread count or order).
+//   out_float: outputs in float32 instead of the input dtype.  Arithmetic is always fp32.
+//   Every merge op also returns `nonfinite`: an int64 scalar counting the inf/NaN tau values it read
+//   (the Python layer turns a non-zero count into an error naming the tensor, by default).
+//
+// abs_histogram_: hist[t, bin] += #{elements of task t whose |tau| key falls in bin}; level 0 (prefix
+//   None): hist is [T, 32768], bin = key >> 16; level 1: hist is [T, 65536], only elements with
+//   key >> 16 == prefix[t] count, bin = key & 0xffff (prefix[t] < 0 skips task t).
+// weighted_merge: out_l = base_l + scale * sum_t weights[t,l] * keep * tau_t  (keep from DARE,
+//   thresholds and masks); without base the merged task vector.
+// ties_merge: trim (|tau| >= thresholds[t,l], or > when strict), weight, elect, disjoint
+//   sum/mean/max, out = base + scale * merged.  Where the elected sign is exactly 0 but trimmed values
+//   are non-zero ("cancelled"), zero_sign[l] is used; returns (out, sign_sums[L] = sum of elected
+//   signs, positions[P] = flat indices of cancelled elements (at most max_positions),
+//   patch[P, 3] = the fp32 output there for a zero sign of +1, -1 and 0, cancel_count[L], nonfinite).
+// consensus_merge: masks m_t = |tau_t| > tall_lambdas[t] |mtl - tau_t| (mtl = sum_t tau_t unless given),
+//   out = base + alpha * (count(m) >= min_count ? mtl : 0); optional bit-packed per-task masks.
+#pragma once
+
+#define CALM_FAST_OP_SCHEMAS(X)                                                                      \
+  X("build_info() -> str")                                                                           \
+  X("abs_histogram_(Tensor(a!) hist, Tensor[] inputs, Tensor[] base, int num_tasks, Tensor? prefix, " \
+    "float dare_p, Tensor? dare_keys, bool dare_rescale) -> ()")                                     \
+  X("weighted_merge(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor weights, float scale, "    \
+    "Tensor? thresholds, bool strict, Tensor[] masks, float dare_p, Tensor? dare_keys, "             \
+    "bool dare_rescale, bool out_float) -> (Tensor[], Tensor)")                                      \
+  X("ties_merge(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor thresholds, bool strict, "     \
+    "Tensor weights, str merge, float scale, Tensor zero_sign, float dare_p, Tensor? dare_keys, "    \
+    "bool dare_rescale, bool out_float, int max_positions) "                                         \
+    "-> (Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)")                                         \
+  X("consensus_merge(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor tall_lambdas, "           \
+    "Tensor[] mtl, int min_count, float alpha, bool return_masks, bool out_float) "                  \
+    "-> (Tensor[], Tensor[], Tensor)")

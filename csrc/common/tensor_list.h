@@ -1,0 +1,140 @@
+// Host-side argument checking and bookkeeping shared by the CPU and CUDA implementations of every
+// merge op (one copy of each check, so both backends reject the same inputs with the same message).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace calm_fast {
+
+// The validated shape of a task-major tensor list: inputs[t * L + l], t < T, l < L.
+struct TaskList {
+  int64_t T = 0;
+  int64_t L = 0;
+  bool has_base = false;
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::Device(at::kCPU);
+  std::vector<int64_t> numel;    // per tensor l
+  std::vector<int64_t> offset;   // exclusive prefix sum of numel (flat index of tensor l's element 0)
+  int64_t total = 0;             // sum of numel over l
+};
+
+inline bool is_supported_float(at::ScalarType s) {
+  return s == at::kFloat || s == at::kBFloat16 || s == at::kHalf;
+}
+
+// Validates inputs/base (see csrc/common/schemas.h) and returns the list's shape.
+inline TaskList check_task_list(const char* op, at::TensorList inputs, at::TensorList base, int64_t num_tasks) {
+  TORCH_CHECK(num_tasks >= 1, op, ": num_tasks must be >= 1, got ", num_tasks);
+  TORCH_CHECK(static_cast<int64_t>(inputs.size()) % num_tasks == 0, op, ": got ", inputs.size(),
+              " input tensors, not a multiple of num_tasks=", num_tasks);
+  TaskList tl;
+  tl.T = num_tasks;
+  tl.L = static_cast<int64_t>(inputs.size()) / num_tasks;
+  tl.has_base = !base.empty();
+  TORCH_CHECK(!tl.has_base || static_cast<int64_t>(base.size()) == tl.L, op, ": base has ", base.size(),
+              " tensors but inputs hold ", tl.L, " tensors per task");
+  if (tl.L == 0) return tl;
+  tl.dtype = inputs[0].scalar_type();
+  tl.device = inputs[0].device();
+  TORCH_CHECK(is_supported_float(tl.dtype), op, ": inputs must be float32, bfloat16 or float16, got ", tl.dtype);
+  auto check_one = [&](const at::Tensor& x, const at::Tensor& ref, const std::string& what) {
+    TORCH_CHECK(x.defined(), op, ": ", what, " is undefined");
+    TORCH_CHECK(x.scalar_type() == tl.dtype, op, ": ", what, " has dtype ", x.scalar_type(), " but inputs[0] has ",
+                tl.dtype, " (one dtype per call; the Python layer groups tensors by dtype)");
+    TORCH_CHECK(x.device() == tl.device, op, ": ", what, " is on ", x.device(), " but inputs[0] is on ", tl.device);
+    TORCH_CHECK(x.is_contiguous(), op, ": ", what, " must be contiguous");
+    TORCH_CHECK(x.sizes().equals(ref.sizes()), op, ": ", what, " has shape ", x.sizes(), " but task 0's tensor has ",
+                ref.sizes());
+  };
+  tl.numel.resize(tl.L);
+  tl.offset.resize(tl.L);
+  for (int64_t l = 0; l < tl.L; ++l) {
+    const at::Tensor& ref = inputs[l];
+    for (int64_t t = 0; t < tl.T; ++t) {
+      check_one(inputs[t * tl.L + l], ref, "inputs[" + std::to_string(t * tl.L + l) + "] (task " + std::to_string(t) +
+                                              ", tensor " + std::to_string(l) + ")");
+    }
+    if (tl.has_base) check_one(base[l], ref, "base[" + std::to_string(l) + "]");
+    tl.numel[l] = ref.numel();
+    tl.offset[l] = tl.total;
+    tl.total += ref.numel();
+  }
+  return tl;
+}
+
+// A [T, L] table of per-(task, tensor) parameters (weights, thresholds, DARE keys).
+inline at::Tensor check_table(const char* op, const char* name, const at::Tensor& x, const TaskList& tl,
+                              at::ScalarType dtype) {
+  TORCH_CHECK(x.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(x.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == tl.T && x.size(1) == tl.L, op, ": ", name, " must have shape [", tl.T,
+              ", ", tl.L, "], got ", x.sizes());
+  TORCH_CHECK(tl.L == 0 || x.device() == tl.device, op, ": ", name, " is on ", x.device(), " but inputs are on ",
+              tl.device);
+  return x.contiguous();
+}
+
+inline at::Tensor check_vector(const char* op, const char* name, const at::Tensor& x, int64_t n,
+                               at::ScalarType dtype, const TaskList& tl) {
+  TORCH_CHECK(x.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(x.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, op, ": ", name, " must have shape [", n, "], got ", x.sizes());
+  TORCH_CHECK(tl.L == 0 || x.device() == tl.device, op, ": ", name, " is on ", x.device(), " but inputs are on ",
+              tl.device);
+  return x.contiguous();
+}
+
+inline void check_dare(const char* op, double p, const c10::optional<at::Tensor>& keys, const TaskList& tl) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dare_p must be in [0, 1], got ", p);
+  TORCH_CHECK(p == 0.0 || keys.has_value(), op, ": dare_p > 0 needs dare_keys");
+  if (keys.has_value()) check_table(op, "dare_keys", *keys, tl, at::kLong);
+}
+
+inline at::ScalarType out_dtype(const TaskList& tl, bool out_float) { return out_float ? at::kFloat : tl.dtype; }
+
+// Outputs shaped like tensor l of task 0 (or the base), on the inputs' device.
+inline std::vector<at::Tensor> alloc_outputs(at::TensorList inputs, const TaskList& tl, bool out_float) {
+  std::vector<at::Tensor> out;
+  out.reserve(tl.L);
+  for (int64_t l = 0; l < tl.L; ++l) {
+    out.push_back(at::empty(inputs[l].sizes(), inputs[l].options().dtype(out_dtype(tl, out_float))));
+  }
+  return out;
+}
+
+inline int ties_merge_code(const char* op, const std::string& merge) {
+  if (merge == "sum") return 0;
+  if (merge == "mean") return 1;
+  if (merge == "max") return 2;
+  TORCH_CHECK(false, op, ": merge must be 'sum', 'mean' or 'max', got '", merge, "'");
+  return -1;
+}
+
+// Packed masks: one uint8 per 8 elements, element i is bit (i % 8) of byte i / 8 (little-endian bits).
+inline int64_t packed_bytes(int64_t n) { return (n + 7) / 8; }
+
+// Explicit masks for weighted_merge: empty, or T*L tensors, all bool (one per element, same shape as
+// the input) or all uint8 packed (packed_bytes(numel) bytes).  Returns 0 = none, 1 = bool, 2 = packed.
+inline int check_masks(const char* op, at::TensorList masks, const TaskList& tl) {
+  if (masks.empty()) return 0;
+  TORCH_CHECK(static_cast<int64_t>(masks.size()) == tl.T * tl.L, op, ": masks must be empty or hold T*L=",
+              tl.T * tl.L, " tensors, got ", masks.size());
+  const bool packed = masks[0].scalar_type() == at::kByte;
+  for (int64_t i = 0; i < tl.T * tl.L; ++i) {
+    const at::Tensor& m = masks[i];
+    const int64_t l = i % tl.L;
+    TORCH_CHECK(m.scalar_type() == (packed ? at::kByte : at::kBool), op, ": masks[", i, "] has dtype ",
+                m.scalar_type(), "; masks must be all bool or all uint8 (bit-packed)");
+    TORCH_CHECK(m.device() == tl.device, op, ": masks[", i, "] is on ", m.device(), " but inputs are on ", tl.device);
+    TORCH_CHECK(m.is_contiguous(), op, ": masks[", i, "] must be contiguous");
+    const int64_t want = packed ? packed_bytes(tl.numel[l]) : tl.numel[l];
+    TORCH_CHECK(m.numel() == want, op, ": masks[", i, "] (task ", i / tl.L, ", tensor ", l, ") has ", m.numel(),
+                " elements, expected ", want, packed ? " packed bytes" : "");
+  }
+  return packed ? 2 : 1;
+}
+
+}  // namespace calm_fast

@@ -1,0 +1,85 @@
+// Helpers shared by the CPU kernels: dtype dispatch, work splitting, per-thread reductions.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/elementwise.h"
+#include "common/tensor_list.h"
+
+namespace calm_fast {
+namespace cpu {
+
+// Elements processed per tile: the SoA scratch of a tile (T rows of kTile floats) stays in L1/L2.
+constexpr int64_t kTile = 1024;
+// Elements per parallel work unit.
+constexpr int64_t kUnit = 1 << 16;
+
+// One unit of parallel work: elements [begin, end) of tensor l.
+struct Unit {
+  int64_t l, begin, end;
+};
+
+inline std::vector<Unit> make_units(const TaskList& tl) {
+  std::vector<Unit> units;
+  for (int64_t l = 0; l < tl.L; ++l) {
+    for (int64_t b = 0; b < tl.numel[l]; b += kUnit) units.push_back({l, b, std::min(tl.numel[l], b + kUnit)});
+  }
+  return units;
+}
+
+// Runs the lambda body with `scalar_t` bound to the list's dtype (float32, bfloat16, float16 only:
+// fewer instantiations than AT_DISPATCH_FLOATING_TYPES_AND2, which adds double).
+#define CF_DISPATCH_FLOAT(stype, ...)                                                 \
+  [&] {                                                                               \
+    switch (stype) {                                                                  \
+      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }              \
+      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); }   \
+      case at::kHalf: { using scalar_t = c10::Half; return __VA_ARGS__(); }           \
+      default: TORCH_CHECK(false, "calm_fast: unsupported dtype ", stype);            \
+    }                                                                                 \
+  }()
+
+template <typename scalar_t>
+inline std::vector<const scalar_t*> data_ptrs(at::TensorList xs) {
+  std::vector<const scalar_t*> p(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) p[i] = xs[i].data_ptr<scalar_t>();
+  return p;
+}
+
+inline DareParams make_dare(double p, bool rescale) {
+  DareParams d;
+  d.p = static_cast<float>(p);
+  d.inv_keep = (rescale && p < 1.0) ? static_cast<float>(1.0 / (1.0 - p)) : 1.f;
+  if (rescale && p >= 1.0) d.inv_keep = 0.f;  // everything dropped: 0, never inf * 0
+  return d;
+}
+
+// Loads tile [i0, i0 + n) of one task's tau into `dst` (fp32), applying DARE, and returns the number of
+// non-finite tau values seen (before DARE, so a dropped NaN is still reported).
+template <typename scalar_t>
+inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i0, int64_t n, const DareParams& d,
+                             uint64_t key, float* dst) {
+  int64_t nonfinite = 0;
+  if (base != nullptr) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]) - static_cast<float>(base[i0 + j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]);
+  }
+  for (int64_t j = 0; j < n; ++j) nonfinite += is_nonfinite(dst[j]);
+  if (d.p > 0.f) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = dare_apply(dst[j], d, key, i0 + j);
+  }
+  return nonfinite;
+}
+
+template <typename out_t>
+inline void store_tile(out_t* out, int64_t i0, int64_t n, const float* v) {
+  for (int64_t j = 0; j < n; ++j) out[i0 + j] = static_cast<out_t>(v[j]);
+}
+
+}  // namespace cpu
+}  // namespace calm_fast

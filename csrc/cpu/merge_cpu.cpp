@@ -1,0 +1,372 @@
+// CPU kernels of the fused merge ops: weighted_merge (task arithmetic, masks, DARE), ties_merge and
+// consensus_merge.  Each reads every input element once and writes each output element once.
+//
+// Layout: the work is split into units of up to 64K elements of one tensor l; a unit is processed in
+// tiles of 1024 elements held as fp32 structure-of-arrays rows (one row per task), so every inner loop
+// is a straight loop over j that the compiler vectorises.  The arithmetic is the same, in the same
+// order, as the per-element functions in common/elementwise.h that the CUDA kernels call.
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "cpu/cpu_common.h"
+
+namespace calm_fast {
+namespace cpu {
+namespace {
+
+struct Reductions {
+  std::mutex mutex;
+  int64_t nonfinite = 0;
+};
+
+template <typename scalar_t>
+const scalar_t* base_ptr_or_null(const std::vector<const scalar_t*>& base, const TaskList& tl, int64_t l) {
+  return tl.has_base ? base[l] : nullptr;
+}
+
+// --------------------------------------------------------------------------------------------------
+// weighted_merge
+// --------------------------------------------------------------------------------------------------
+template <typename scalar_t, typename out_t>
+int64_t weighted_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, const float* weights,
+                      float scale, const float* thresholds, bool strict, at::TensorList masks, int mask_kind,
+                      const DareParams& dare, const int64_t* keys, std::vector<at::Tensor>& out) {
+  const auto in_ptr = data_ptrs<scalar_t>(inputs);
+  const auto bs_ptr = data_ptrs<scalar_t>(base);
+  std::vector<out_t*> out_ptr(tl.L);
+  for (int64_t l = 0; l < tl.L; ++l) out_ptr[l] = out[l].data_ptr<out_t>();
+  const std::vector<Unit> units = make_units(tl);
+  Reductions red;
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    alignas(64) float acc[kTile];
+    alignas(64) float tau[kTile];
+    int64_t nonfinite = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& w = units[u];
+      const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
+      for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+        const int64_t n = std::min(kTile, w.end - i0);
+        for (int64_t j = 0; j < n; ++j) acc[j] = 0.f;
+        for (int64_t t = 0; t < tl.T; ++t) {
+          const int64_t tl_idx = t * tl.L + w.l;
+          nonfinite += load_tau_tile(in_ptr[tl_idx], bs, i0, n, dare, keys ? static_cast<uint64_t>(keys[tl_idx]) : 0u,
+                                     tau);
+          if (thresholds != nullptr) {
+            const float thr = thresholds[tl_idx];
+            for (int64_t j = 0; j < n; ++j) tau[j] = trim_keep(tau[j], thr, strict) ? tau[j] : 0.f;
+          }
+          if (mask_kind == 1) {
+            const bool* m = masks[tl_idx].data_ptr<bool>() + i0;
+            for (int64_t j = 0; j < n; ++j) tau[j] = m[j] ? tau[j] : 0.f;
+          } else if (mask_kind == 2) {
+            const uint8_t* m = masks[tl_idx].data_ptr<uint8_t>();
+            for (int64_t j = 0; j < n; ++j) {
+              const int64_t i = i0 + j;
+              tau[j] = ((m[i >> 3] >> (i & 7)) & 1) ? tau[j] : 0.f;
+            }
+          }
+          const float wt = weights[tl_idx];
+          for (int64_t j = 0; j < n; ++j) acc[j] += wt * tau[j];
+        }
+        if (bs != nullptr) {
+          for (int64_t j = 0; j < n; ++j) acc[j] = static_cast<float>(bs[i0 + j]) + scale * acc[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) acc[j] = scale * acc[j];
+        }
+        store_tile(out_ptr[w.l], i0, n, acc);
+      }
+    }
+    std::lock_guard<std::mutex> lock(red.mutex);
+    red.nonfinite += nonfinite;
+  });
+  return red.nonfinite;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> weighted_merge_cpu(
+    at::TensorList inputs, at::TensorList base, int64_t num_tasks, const at::Tensor& weights, double scale,
+    const c10::optional<at::Tensor>& thresholds, bool strict, at::TensorList masks, double dare_p,
+    const c10::optional<at::Tensor>& dare_keys, bool dare_rescale, bool out_float) {
+  constexpr const char* op = "calm_fast.weighted_merge";
+  const TaskList tl = check_task_list(op, inputs, base, num_tasks);
+  const at::Tensor w = check_table(op, "weights", weights, tl, at::kFloat);
+  const at::Tensor thr = thresholds.has_value() ? check_table(op, "thresholds", *thresholds, tl, at::kFloat) : at::Tensor();
+  const int mask_kind = check_masks(op, masks, tl);
+  check_dare(op, dare_p, dare_keys, tl);
+  const at::Tensor keys = dare_keys.has_value() ? dare_keys->contiguous() : at::Tensor();
+  std::vector<at::Tensor> out = alloc_outputs(inputs, tl, out_float);
+  int64_t nonfinite = 0;
+  if (tl.L > 0) {
+    const DareParams dare = make_dare(dare_p, dare_rescale);
+    CF_DISPATCH_FLOAT(tl.dtype, [&] {
+      auto run = [&](auto out_tag) {
+        using out_t = decltype(out_tag);
+        nonfinite = weighted_impl<scalar_t, out_t>(
+            inputs, base, tl, w.data_ptr<float>(), static_cast<float>(scale),
+            thr.defined() ? thr.data_ptr<float>() : nullptr, strict, masks, mask_kind, dare,
+            keys.defined() ? keys.data_ptr<int64_t>() : nullptr, out);
+      };
+      if (out_float) run(float{}); else run(scalar_t{});
+    });
+  }
+  return {out, at::scalar_tensor(nonfinite, at::kLong)};
+}
+
+// --------------------------------------------------------------------------------------------------
+// ties_merge
+// --------------------------------------------------------------------------------------------------
+struct TiesReductions {
+  std::mutex mutex;
+  int64_t nonfinite = 0;
+  std::vector<int64_t> sign_sum, cancel_count;
+  std::vector<int64_t> positions;
+  std::vector<float> patch;  // 3 per position
+};
+
+template <typename scalar_t, typename out_t>
+void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, const float* thresholds, bool strict,
+               const float* weights, int merge, float scale, const int64_t* zero_sign, const DareParams& dare,
+               const int64_t* keys, int64_t max_positions, std::vector<at::Tensor>& out, TiesReductions& red) {
+  const auto in_ptr = data_ptrs<scalar_t>(inputs);
+  const auto bs_ptr = data_ptrs<scalar_t>(base);
+  std::vector<out_t*> out_ptr(tl.L);
+  for (int64_t l = 0; l < tl.L; ++l) out_ptr[l] = out[l].data_ptr<out_t>();
+  const std::vector<Unit> units = make_units(tl);
+  red.sign_sum.assign(tl.L, 0);
+  red.cancel_count.assign(tl.L, 0);
+
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> vals(static_cast<size_t>(tl.T * kTile));  // trimmed, weighted tau: row t = task t
+    alignas(64) float s[kTile], acc[kTile], mx[kTile], res[kTile];
+    alignas(64) int32_t gamma[kTile], count[kTile];
+    alignas(64) uint8_t nonzero[kTile];
+    std::vector<int64_t> sign_sum(tl.L, 0), cancel_count(tl.L, 0), positions;
+    std::vector<float> patch;
+    int64_t nonfinite = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& w = units[u];
+      const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
+      const float zs = static_cast<float>(zero_sign[w.l]);
+      for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+        const int64_t n = std::min(kTile, w.end - i0);
+        // Trim + weight, and the elected sign's sum (t ascending from 0, as ties_element).
+        for (int64_t j = 0; j < n; ++j) { s[j] = 0.f; nonzero[j] = 0; }
+        for (int64_t t = 0; t < tl.T; ++t) {
+          const int64_t ti = t * tl.L + w.l;
+          float* v = vals.data() + t * kTile;
+          nonfinite += load_tau_tile(in_ptr[ti], bs, i0, n, dare, keys ? static_cast<uint64_t>(keys[ti]) : 0u, v);
+          const float thr = thresholds[ti], wt = weights[ti];
+          for (int64_t j = 0; j < n; ++j) v[j] = trim_keep(v[j], thr, strict) ? v[j] * wt : 0.f;
+          for (int64_t j = 0; j < n; ++j) { s[j] += v[j]; nonzero[j] |= (v[j] != 0.f); }
+        }
+        int64_t tile_sign = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          gamma[j] = (s[j] > 0.f) - (s[j] < 0.f);
+          tile_sign += gamma[j];
+        }
+        sign_sum[w.l] += tile_sign;
+        // Disjoint merge with the resolved sign g (zs where gamma == 0).
+        for (int64_t j = 0; j < n; ++j) { acc[j] = 0.f; mx[j] = 0.f; count[j] = 0; }
+        for (int64_t t = 0; t < tl.T; ++t) {
+          const float* v = vals.data() + t * kTile;
+          for (int64_t j = 0; j < n; ++j) {
+            const float g = gamma[j] != 0 ? static_cast<float>(gamma[j]) : zs;
+            const bool keep = (g > 0.f) ? (v[j] > 0.f) : (v[j] < 0.f);
+            const float a = v[j] < 0.f ? -v[j] : v[j];
+            acc[j] += keep ? v[j] : 0.f;
+            count[j] += keep;
+            mx[j] = (keep && a > mx[j]) ? a : mx[j];
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const float g = gamma[j] != 0 ? static_cast<float>(gamma[j]) : zs;
+          float r;
+          if (merge == kTiesSum) r = acc[j];
+          else if (merge == kTiesMean) r = acc[j] / static_cast<float>(count[j] > 1 ? count[j] : 1);
+          else r = g * mx[j];
+          res[j] = bs != nullptr ? static_cast<float>(bs[i0 + j]) + scale * r : scale * r;
+        }
+        store_tile(out_ptr[w.l], i0, n, res);
+        // Exact cancellations (rare): record the output for every possible zero sign.
+        for (int64_t j = 0; j < n; ++j) {
+          if (gamma[j] != 0 || !nonzero[j]) continue;
+          cancel_count[w.l] += 1;
+          if (static_cast<int64_t>(positions.size()) >= max_positions) continue;
+          positions.push_back(tl.offset[w.l] + i0 + j);
+          const float b = bs != nullptr ? static_cast<float>(bs[i0 + j]) : 0.f;
+          for (float zsign : {1.f, -1.f, 0.f}) {
+            auto load = [&](int t) { return vals[t * kTile + j]; };
+            int g_unused;
+            bool c_unused;
+            const float r = ties_element(load, static_cast<int>(tl.T), merge, zsign, g_unused, c_unused);
+            patch.push_back(bs != nullptr ? b + scale * r : scale * r);
+          }
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(red.mutex);
+    red.nonfinite += nonfinite;
+    for (int64_t l = 0; l < tl.L; ++l) {
+      red.sign_sum[l] += sign_sum[l];
+      red.cancel_count[l] += cancel_count[l];
+    }
+    red.positions.insert(red.positions.end(), positions.begin(), positions.end());
+    red.patch.insert(red.patch.end(), patch.begin(), patch.end());
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ties_merge_cpu(
+    at::TensorList inputs, at::TensorList base, int64_t num_tasks, const at::Tensor& thresholds, bool strict,
+    const at::Tensor& weights, c10::string_view merge, double scale, const at::Tensor& zero_sign, double dare_p,
+    const c10::optional<at::Tensor>& dare_keys, bool dare_rescale, bool out_float, int64_t max_positions) {
+  constexpr const char* op = "calm_fast.ties_merge";
+  const TaskList tl = check_task_list(op, inputs, base, num_tasks);
+  const int merge_code = ties_merge_code(op, std::string(merge));
+  const at::Tensor thr = check_table(op, "thresholds", thresholds, tl, at::kFloat);
+  const at::Tensor w = check_table(op, "weights", weights, tl, at::kFloat);
+  const at::Tensor zs = check_vector(op, "zero_sign", zero_sign, tl.L, at::kLong, tl);
+  TORCH_CHECK(max_positions >= 0, op, ": max_positions must be >= 0");
+  check_dare(op, dare_p, dare_keys, tl);
+  const at::Tensor keys = dare_keys.has_value() ? dare_keys->contiguous() : at::Tensor();
+  std::vector<at::Tensor> out = alloc_outputs(inputs, tl, out_float);
+  TiesReductions red;
+  red.sign_sum.assign(tl.L, 0);
+  red.cancel_count.assign(tl.L, 0);
+  if (tl.L > 0) {
+    const int64_t* zsp = zs.data_ptr<int64_t>();
+    for (int64_t l = 0; l < tl.L; ++l)
+      TORCH_CHECK(zsp[l] >= -1 && zsp[l] <= 1, op, ": zero_sign[", l, "]=", zsp[l], " is not -1, 0 or +1");
+    const DareParams dare = make_dare(dare_p, dare_rescale);
+    CF_DISPATCH_FLOAT(tl.dtype, [&] {
+      auto run = [&](auto out_tag) {
+        using out_t = decltype(out_tag);
+        ties_impl<scalar_t, out_t>(inputs, base, tl, thr.data_ptr<float>(), strict, w.data_ptr<float>(), merge_code,
+                                   static_cast<float>(scale), zsp, dare,
+                                   keys.defined() ? keys.data_ptr<int64_t>() : nullptr, max_positions, out, red);
+      };
+      if (out_float) run(float{}); else run(scalar_t{});
+    });
+  }
+  const int64_t P = static_cast<int64_t>(red.positions.size());
+  at::Tensor positions = at::empty({P}, at::kLong);
+  at::Tensor patch = at::empty({P, 3}, at::kFloat);
+  if (P > 0) {
+    std::memcpy(positions.data_ptr<int64_t>(), red.positions.data(), sizeof(int64_t) * P);
+    std::memcpy(patch.data_ptr<float>(), red.patch.data(), sizeof(float) * 3 * P);
+  }
+  at::Tensor sign_sum = at::empty({tl.L}, at::kLong), cancel = at::empty({tl.L}, at::kLong);
+  for (int64_t l = 0; l < tl.L; ++l) {
+    sign_sum.data_ptr<int64_t>()[l] = red.sign_sum[l];
+    cancel.data_ptr<int64_t>()[l] = red.cancel_count[l];
+  }
+  return {out, sign_sum, positions, patch, cancel, at::scalar_tensor(red.nonfinite, at::kLong)};
+}
+
+// --------------------------------------------------------------------------------------------------
+// consensus_merge
+// --------------------------------------------------------------------------------------------------
+template <typename scalar_t, typename out_t>
+int64_t consensus_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, const float* lambdas,
+                       at::TensorList mtl, int64_t min_count, float alpha, std::vector<at::Tensor>& masks,
+                       std::vector<at::Tensor>& out) {
+  const auto in_ptr = data_ptrs<scalar_t>(inputs);
+  const auto bs_ptr = data_ptrs<scalar_t>(base);
+  std::vector<out_t*> out_ptr(tl.L);
+  for (int64_t l = 0; l < tl.L; ++l) out_ptr[l] = out[l].data_ptr<out_t>();
+  // Units start at multiples of kUnit (a multiple of 8), so each packed byte belongs to one unit.
+  const std::vector<Unit> units = make_units(tl);
+  Reductions red;
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    alignas(64) float m[kTile], tau[kTile], res[kTile];
+    alignas(64) int32_t count[kTile];
+    alignas(64) uint8_t bit[kTile];
+    const DareParams no_dare;
+    int64_t nonfinite = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& w = units[u];
+      const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
+      for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+        const int64_t n = std::min(kTile, w.end - i0);
+        if (!mtl.empty()) {
+          const float* given = mtl[w.l].data_ptr<float>() + i0;
+          for (int64_t j = 0; j < n; ++j) m[j] = given[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) m[j] = 0.f;
+          for (int64_t t = 0; t < tl.T; ++t) {
+            load_tau_tile(in_ptr[t * tl.L + w.l], bs, i0, n, no_dare, 0u, tau);
+            for (int64_t j = 0; j < n; ++j) m[j] += tau[j];
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) count[j] = 0;
+        for (int64_t t = 0; t < tl.T; ++t) {
+          nonfinite += load_tau_tile(in_ptr[t * tl.L + w.l], bs, i0, n, no_dare, 0u, tau);
+          const float lam = lambdas[t];
+          for (int64_t j = 0; j < n; ++j) {
+            bit[j] = tall_mask(tau[j], m[j], lam);
+            count[j] += bit[j];
+          }
+          if (!masks.empty()) {
+            uint8_t* packed = masks[t * tl.L + w.l].data_ptr<uint8_t>() + (i0 >> 3);
+            for (int64_t j = 0; j < n; j += 8) {
+              uint8_t byte = 0;
+              for (int64_t b = 0; b < 8 && j + b < n; ++b) byte |= static_cast<uint8_t>(bit[j + b] << b);
+              packed[j >> 3] = byte;
+            }
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const float kept = count[j] >= min_count ? m[j] : 0.f;
+          res[j] = bs != nullptr ? static_cast<float>(bs[i0 + j]) + alpha * kept : alpha * kept;
+        }
+        store_tile(out_ptr[w.l], i0, n, res);
+      }
+    }
+    std::lock_guard<std::mutex> lock(red.mutex);
+    red.nonfinite += nonfinite;
+  });
+  return red.nonfinite;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> consensus_merge_cpu(
+    at::TensorList inputs, at::TensorList base, int64_t num_tasks, const at::Tensor& tall_lambdas,
+    at::TensorList mtl, int64_t min_count, double alpha, bool return_masks, bool out_float) {
+  constexpr const char* op = "calm_fast.consensus_merge";
+  const TaskList tl = check_task_list(op, inputs, base, num_tasks);
+  const at::Tensor lam = check_vector(op, "tall_lambdas", tall_lambdas, tl.T, at::kFloat, tl);
+  TORCH_CHECK(mtl.empty() || static_cast<int64_t>(mtl.size()) == tl.L, op, ": mtl must be empty or hold L=", tl.L,
+              " tensors, got ", mtl.size());
+  for (size_t l = 0; l < mtl.size(); ++l) {
+    TORCH_CHECK(mtl[l].scalar_type() == at::kFloat && mtl[l].is_contiguous() && mtl[l].device() == tl.device &&
+                    mtl[l].numel() == tl.numel[l],
+                op, ": mtl[", l, "] must be a contiguous float32 tensor with ", tl.numel[l], " elements on ", tl.device);
+  }
+  TORCH_CHECK(min_count >= 0, op, ": min_count must be >= 0, got ", min_count);
+  std::vector<at::Tensor> out = alloc_outputs(inputs, tl, out_float);
+  std::vector<at::Tensor> masks;
+  if (return_masks) {
+    for (int64_t i = 0; i < tl.T * tl.L; ++i)
+      masks.push_back(at::empty({packed_bytes(tl.numel[i % tl.L])}, inputs[0].options().dtype(at::kByte)));
+  }
+  int64_t nonfinite = 0;
+  if (tl.L > 0) {
+    CF_DISPATCH_FLOAT(tl.dtype, [&] {
+      auto run = [&](auto out_tag) {
+        using out_t = decltype(out_tag);
+        nonfinite = consensus_impl<scalar_t, out_t>(inputs, base, tl, lam.data_ptr<float>(), mtl, min_count,
+                                                    static_cast<float>(alpha), masks, out);
+      };
+      if (out_float) run(float{}); else run(scalar_t{});
+    });
+  }
+  return {out, masks, at::scalar_tensor(nonfinite, at::kLong)};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace calm_fast
+
+TORCH_LIBRARY_IMPL(calm_fast, CPU, m) {
+  m.impl("weighted_merge", &calm_fast::cpu::weighted_merge_cpu);
+  m.impl("ties_merge", &calm_fast::cpu::ties_merge_cpu);
+  m.impl("consensus_merge", &calm_fast::cpu::consensus_merge_cpu);
+}

@@ -1,0 +1,109 @@
+// CPU kernel of abs_histogram_: the counting pass of the exact global k-th-magnitude selection.
+//
+// The selection itself (calm_fast/selection.py) is two calls of this op: level 0 counts the high 15
+// bits of every |tau| key per task, the bucket holding the k-th key is found by a prefix sum over the
+// 32768 counts, and level 1 counts the low 16 bits of the keys inside that bucket only.  The result is
+// the exact k-th smallest |tau| (bit-identical to torch.kthvalue on the concatenation) without ever
+// concatenating, sorting or copying the model; histograms add, so the same op serves resident,
+// streaming (tensor by tensor) and distributed (all-reduce) selection.
+#include <torch/library.h>
+
+#include <cstring>
+#include <mutex>
+
+#include "cpu/cpu_common.h"
+
+namespace calm_fast {
+namespace cpu {
+namespace {
+
+// A work item of the histogram: elements [begin, end) of task t's tensor l.
+struct HistUnit {
+  int64_t t, l, begin, end;
+};
+
+template <typename scalar_t>
+void histogram_impl(at::Tensor& hist, at::TensorList inputs, at::TensorList base, const TaskList& tl,
+                    const int64_t* prefix, const DareParams& dare, const int64_t* keys) {
+  const int64_t bins = prefix == nullptr ? kHistHighBins : kHistLowBins;
+  const auto in_ptr = data_ptrs<scalar_t>(inputs);
+  const auto base_ptr = data_ptrs<scalar_t>(base);
+  std::vector<HistUnit> units;
+  for (int64_t t = 0; t < tl.T; ++t) {
+    if (prefix != nullptr && prefix[t] < 0) continue;  // task needs no refinement
+    for (int64_t l = 0; l < tl.L; ++l)
+      for (int64_t b = 0; b < tl.numel[l]; b += kUnit) units.push_back({t, l, b, std::min(tl.numel[l], b + kUnit)});
+  }
+  int64_t* global = hist.data_ptr<int64_t>();
+  std::mutex flush_mutex;
+
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    // uint32 counts per thread (half the cache footprint of int64), flushed before they could overflow.
+    std::vector<uint32_t> local(static_cast<size_t>(tl.T * bins), 0u);
+    int64_t since_flush = 0;
+    auto flush = [&] {
+      std::lock_guard<std::mutex> lock(flush_mutex);
+      for (size_t i = 0; i < local.size(); ++i) global[i] += local[i];
+      std::fill(local.begin(), local.end(), 0u);
+      since_flush = 0;
+    };
+    alignas(64) float tile[kTile];
+    alignas(64) uint32_t key[kTile];
+    for (int64_t u = u0; u < u1; ++u) {
+      const HistUnit& w = units[u];
+      const scalar_t* in = in_ptr[w.t * tl.L + w.l];
+      const scalar_t* bs = tl.has_base ? base_ptr[w.l] : nullptr;
+      const uint64_t dkey = keys != nullptr ? static_cast<uint64_t>(keys[w.t * tl.L + w.l]) : 0u;
+      uint32_t* h = local.data() + w.t * bins;
+      for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+        const int64_t n = std::min(kTile, w.end - i0);
+        load_tau_tile(in, bs, i0, n, dare, dkey, tile);
+        for (int64_t j = 0; j < n; ++j) key[j] = abs_key(tile[j]);
+        if (prefix == nullptr) {
+          for (int64_t j = 0; j < n; ++j) h[key[j] >> 16] += 1u;
+        } else {
+          const uint32_t want = static_cast<uint32_t>(prefix[w.t]);
+          for (int64_t j = 0; j < n; ++j)
+            if ((key[j] >> 16) == want) h[key[j] & 0xffffu] += 1u;
+        }
+      }
+      since_flush += w.end - w.begin;
+      if (since_flush > (int64_t{1} << 31)) flush();
+    }
+    flush();
+  });
+}
+
+void abs_histogram_cpu(at::Tensor& hist, at::TensorList inputs, at::TensorList base, int64_t num_tasks,
+                       const c10::optional<at::Tensor>& prefix, double dare_p,
+                       const c10::optional<at::Tensor>& dare_keys, bool dare_rescale) {
+  constexpr const char* op = "calm_fast.abs_histogram_";
+  const TaskList tl = check_task_list(op, inputs, base, num_tasks);
+  const int64_t bins = prefix.has_value() ? kHistLowBins : kHistHighBins;
+  TORCH_CHECK(hist.scalar_type() == at::kLong && hist.dim() == 2 && hist.size(0) == num_tasks &&
+                  hist.size(1) == bins && hist.is_contiguous(),
+              op, ": hist must be a contiguous int64 tensor of shape [", num_tasks, ", ", bins, "], got ",
+              hist.scalar_type(), " ", hist.sizes());
+  TORCH_CHECK(hist.device().is_cpu(), op, ": hist must be on the CPU for CPU inputs");
+  check_dare(op, dare_p, dare_keys, tl);
+  if (tl.L == 0) return;
+  at::Tensor pre;
+  if (prefix.has_value()) {
+    pre = check_vector(op, "prefix", *prefix, num_tasks, at::kLong, tl);
+    const int64_t* p = pre.data_ptr<int64_t>();
+    for (int64_t t = 0; t < num_tasks; ++t)
+      TORCH_CHECK(p[t] < kHistHighBins, op, ": prefix[", t, "]=", p[t], " is not a level-0 bucket (< 32768)");
+  }
+  at::Tensor keys = dare_keys.has_value() ? dare_keys->contiguous() : at::Tensor();
+  const DareParams dare = make_dare(dare_p, dare_rescale);
+  CF_DISPATCH_FLOAT(tl.dtype, [&] {
+    histogram_impl<scalar_t>(hist, inputs, base, tl, pre.defined() ? pre.data_ptr<int64_t>() : nullptr, dare,
+                             keys.defined() ? keys.data_ptr<int64_t>() : nullptr);
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace calm_fast
+
+TORCH_LIBRARY_IMPL(calm_fast, CPU, m) { m.impl("abs_histogram_", &calm_fast::cpu::abs_histogram_cpu); }
