@@ -1,0 +1,111 @@
+"""Exact global k-th magnitude selection: bit-identical to torch.kthvalue on the concatenation."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from calm_fast import ops, selection
+
+from conftest import DTYPES, make_list
+
+
+def _kth_ref(xs, k, base=None):
+    parts = []
+    for l, x in enumerate(xs):
+        v = x.float()
+        if base is not None:
+            v = v - base[l].float()
+        parts.append(v.abs().reshape(-1))
+    cat = torch.cat(parts)
+    return torch.kthvalue(cat, k).values
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [[1], [7], [1000, 1, 33, 0, 4097], [70001]])
+def test_kth_matches_kthvalue(gen, dtype, sizes):
+    T = 3
+    xs = make_list(gen, T, sizes, dtype)
+    L = len(sizes)
+    n = sum(sizes)
+    ks = [1, n, max(1, n // 2)]
+    thr = selection.kth_smallest_abs(xs, None, T, ks)
+    for t in range(T):
+        want = _kth_ref(xs[t * L:(t + 1) * L], ks[t])
+        assert thr.dtype == torch.float32
+        assert thr[t].view(torch.int32) == want.view(torch.int32), (t, thr[t], want)
+
+
+def test_kth_with_base_and_zeros_and_ties(gen):
+    """Fine-tuned inputs (τ on the fly), masses of exact zeros, ±0 and exact ties at the threshold."""
+    T, sizes = 2, [5000, 123]
+    base = [torch.randn(n, generator=gen) for n in sizes]
+    xs = []
+    for t in range(T):
+        for l, n in enumerate(sizes):
+            tau = torch.randn(n, generator=gen).round(decimals=1)  # many exact ties
+            tau[: n // 2] = 0.0
+            tau[n // 2: n // 2 + 10] = -0.0
+            xs.append(base[l] + tau)
+    n = sum(sizes)
+    for k in [1, n // 2, n // 2 + 1, n - 7, n]:
+        thr = selection.kth_smallest_abs(xs, base, T, [k, k])
+        for t in range(T):
+            want = _kth_ref(xs[t * 2:(t + 1) * 2], k, base)
+            assert thr[t].item() == want.item()
+
+
+def test_kth_inf_and_k_zero(gen):
+    xs = [torch.tensor([1.0, float("inf"), -2.0, 0.5])]
+    assert selection.kth_smallest_abs(xs, None, 1, [4]).item() == float("inf")
+    assert selection.kth_smallest_abs(xs, None, 1, [3]).item() == 2.0
+    assert selection.kth_smallest_abs(xs, None, 1, [0]).item() == selection.KEEP_ALL
+
+
+def test_k_out_of_range(gen):
+    xs = [torch.randn(10, generator=gen)]
+    with pytest.raises(ValueError, match="k out of range"):
+        selection.kth_smallest_abs(xs, None, 1, [11])
+
+
+def test_streaming_finder_equals_resident(gen):
+    """Histograms add: feeding tensors one at a time gives the resident result."""
+    T, sizes = 2, [300, 1, 4500, 77]
+    xs = make_list(gen, T, sizes)
+    L = len(sizes)
+    ks = [100, 4000]
+    finder = selection.ThresholdFinder(T, ks)
+    for _ in range(2):
+        for l in range(L):
+            finder.add([xs[t * L + l] for t in range(T)])
+        if finder.level == 0:
+            finder.next_level()
+    assert torch.equal(finder.thresholds(), selection.kth_smallest_abs(xs, None, T, ks))
+
+
+def test_histogram_counts_past_uint32_flush(gen):
+    """The op's int64 histogram is accumulated across calls (the path past 2^31 elements per task)."""
+    x = torch.randn(1000, generator=gen)
+    hist = torch.zeros(1, ops.HIST_HIGH_BINS, dtype=torch.int64)
+    for _ in range(3):
+        ops.abs_histogram_(hist, [x], None, 1)
+    assert int(hist.sum()) == 3000
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=200), st.data())
+def test_kth_property(values, data):
+    x = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, x.numel()))
+    split = data.draw(st.integers(0, x.numel()))
+    xs = [x[:split].contiguous(), x[split:].contiguous()]
+    got = selection.kth_smallest_abs(xs, None, 1, [k])
+    assert got.view(torch.int32) == torch.kthvalue(x.abs(), k).values.view(torch.int32)
+
+
+def test_rank_helpers():
+    assert selection.topk_fraction_to_k(10, 0.2) == 8
+    assert selection.topk_fraction_to_k(10, 1.0) == 0
+    assert selection.strict_topk_to_k(100, 0.05) == 96
+    assert selection.strict_topk_to_k(10, 0.01) == 0
+    with pytest.raises(ValueError):
+        selection.topk_fraction_to_k(10, 0.0)
