@@ -58,8 +58,16 @@ def _arch_list() -> None:
 
 # The C++ standard flag comes from torch's BuildExtension (C++17 or C++20 by torch version); the code is
 # written to compile under both.
-CXX_FLAGS = ["-O3", "-fno-math-errno", "-Wno-unused-function"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# -ffp-contract=off / --fmad=false: no fused multiply-adds, so `base + scale * x` rounds exactly as the
+#   reference (and the CPU and CUDA kernels agree bit for bit).
+# -fno-trapping-math: lets GCC if-convert (and so vectorise) the branch-free select loops.
+# CALM_FAST_MARCH (default "native": the extension is built on the machine that runs it) sets -march;
+#   set it to "" for a portable build (e.g. a wheel built on one machine and used on another).
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-Wno-unused-function"]
+_march = os.environ.get("CALM_FAST_MARCH", "native").strip()
+if _march:
+    CXX_FLAGS.append(f"-march={_march}")
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
 
 cpu_sources = _rel("csrc/registration.cpp") + _rel("csrc/cpu/*.cpp")
 cuda_sources = _rel("csrc/cuda/*.cu")

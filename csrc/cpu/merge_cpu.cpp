@@ -7,6 +7,7 @@
 // order, as the per-element functions in common/elementwise.h that the CUDA kernels call.
 #include <torch/library.h>
 
+#include <cmath>
 #include <mutex>
 
 #include "cpu/cpu_common.h"
@@ -137,9 +138,10 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
 
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> vals(static_cast<size_t>(tl.T * kTile));  // trimmed, weighted tau: row t = task t
-    alignas(64) float s[kTile], acc[kTile], mx[kTile], res[kTile];
-    alignas(64) int32_t gamma[kTile], count[kTile];
-    alignas(64) uint8_t nonzero[kTile];
+    // Branch-free SoA tiles: the elected sign is kept as a float (+1, -1, or 0), counts as floats (exact
+    // far past any task count), so every loop below vectorises.
+    alignas(64) float s[kTile], g[kTile], acc[kTile], mx[kTile], cnt[kTile], res[kTile];
+    alignas(64) int32_t gamma[kTile], nonzero[kTile];
     std::vector<int64_t> sign_sum(tl.L, 0), cancel_count(tl.L, 0), positions;
     std::vector<float> patch;
     int64_t nonfinite = 0;
@@ -156,35 +158,47 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
           float* v = vals.data() + t * kTile;
           nonfinite += load_tau_tile(in_ptr[ti], bs, i0, n, dare, keys ? static_cast<uint64_t>(keys[ti]) : 0u, v);
           const float thr = thresholds[ti], wt = weights[ti];
-          for (int64_t j = 0; j < n; ++j) v[j] = trim_keep(v[j], thr, strict) ? v[j] * wt : 0.f;
-          for (int64_t j = 0; j < n; ++j) { s[j] += v[j]; nonzero[j] |= (v[j] != 0.f); }
+          if (strict) {
+            for (int64_t j = 0; j < n; ++j) v[j] = (std::fabs(v[j]) > thr) ? v[j] * wt : 0.f;
+          } else {
+            for (int64_t j = 0; j < n; ++j) v[j] = (std::fabs(v[j]) >= thr) ? v[j] * wt : 0.f;
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            s[j] += v[j];
+            nonzero[j] |= static_cast<int32_t>(v[j] != 0.f);
+          }
         }
-        int64_t tile_sign = 0;
+        int32_t tile_sign = 0;
         for (int64_t j = 0; j < n; ++j) {
-          gamma[j] = (s[j] > 0.f) - (s[j] < 0.f);
+          gamma[j] = static_cast<int32_t>(s[j] > 0.f) - static_cast<int32_t>(s[j] < 0.f);
           tile_sign += gamma[j];
+          g[j] = gamma[j] != 0 ? static_cast<float>(gamma[j]) : zs;  // resolved sign
         }
         sign_sum[w.l] += tile_sign;
-        // Disjoint merge with the resolved sign g (zs where gamma == 0).
-        for (int64_t j = 0; j < n; ++j) { acc[j] = 0.f; mx[j] = 0.f; count[j] = 0; }
+        // Disjoint merge: keep values of the resolved sign (g > 0: positives, else negatives; never 0).
+        for (int64_t j = 0; j < n; ++j) { acc[j] = 0.f; mx[j] = 0.f; cnt[j] = 0.f; }
         for (int64_t t = 0; t < tl.T; ++t) {
           const float* v = vals.data() + t * kTile;
           for (int64_t j = 0; j < n; ++j) {
-            const float g = gamma[j] != 0 ? static_cast<float>(gamma[j]) : zs;
-            const bool keep = (g > 0.f) ? (v[j] > 0.f) : (v[j] < 0.f);
-            const float a = v[j] < 0.f ? -v[j] : v[j];
-            acc[j] += keep ? v[j] : 0.f;
-            count[j] += keep;
-            mx[j] = (keep && a > mx[j]) ? a : mx[j];
+            const bool pos = g[j] > 0.f;
+            const bool keep = (pos & (v[j] > 0.f)) | (!pos & (v[j] < 0.f));
+            const float kept = keep ? v[j] : 0.f;
+            acc[j] += kept;
+            cnt[j] += keep ? 1.f : 0.f;
+            mx[j] = std::max(mx[j], std::fabs(kept));
           }
         }
-        for (int64_t j = 0; j < n; ++j) {
-          const float g = gamma[j] != 0 ? static_cast<float>(gamma[j]) : zs;
-          float r;
-          if (merge == kTiesSum) r = acc[j];
-          else if (merge == kTiesMean) r = acc[j] / static_cast<float>(count[j] > 1 ? count[j] : 1);
-          else r = g * mx[j];
-          res[j] = bs != nullptr ? static_cast<float>(bs[i0 + j]) + scale * r : scale * r;
+        if (merge == kTiesSum) {
+          for (int64_t j = 0; j < n; ++j) res[j] = acc[j];
+        } else if (merge == kTiesMean) {
+          for (int64_t j = 0; j < n; ++j) res[j] = acc[j] / std::max(cnt[j], 1.f);
+        } else {
+          for (int64_t j = 0; j < n; ++j) res[j] = g[j] * mx[j];
+        }
+        if (bs != nullptr) {
+          for (int64_t j = 0; j < n; ++j) res[j] = static_cast<float>(bs[i0 + j]) + scale * res[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) res[j] = scale * res[j];
         }
         store_tile(out_ptr[w.l], i0, n, res);
         // Exact cancellations (rare): record the output for every possible zero sign.
