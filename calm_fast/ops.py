@@ -93,6 +93,27 @@ def abs_histogram_(
                           bool(dare_rescale))
 
 
+def abs_bracket(
+    inputs: Sequence[Tensor],
+    base: Optional[Sequence[Tensor]],
+    num_tasks: int,
+    lo: Tensor,
+    hi: Tensor,
+    capacity: int,
+    dare_p: float = 0.0,
+    dare_keys: Optional[Tensor] = None,
+    dare_rescale: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """One pass pinning each task's |tau| distribution between ``lo[t] <= hi[t]`` (float32 [T]).
+
+    Returns ``counts`` int64 [T, 4] = (#|tau| < lo, #|tau| == lo, #lo < |tau| < hi, #|tau| == hi > lo)
+    and ``candidates`` float32 [T, capacity]: the |tau| values strictly inside, the first ``capacity``
+    found (row t is valid up to min(counts[t, 2], capacity)).
+    """
+    return _ops().abs_bracket(list(inputs), _base_list(base), num_tasks, lo, hi, int(capacity), float(dare_p),
+                              dare_keys, bool(dare_rescale))
+
+
 def weighted_merge(
     inputs: Sequence[Tensor],
     base: Optional[Sequence[Tensor]],
@@ -214,6 +235,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("calm_fast::abs_histogram_")
     def _(hist, inputs, base, num_tasks, prefix, dare_p, dare_keys, dare_rescale):
         return None
+
+    @torch.library.register_fake("calm_fast::abs_bracket")
+    def _(inputs, base, num_tasks, lo, hi, capacity, dare_p, dare_keys, dare_rescale):
+        dev = lo.device
+        return (torch.empty(num_tasks, 4, dtype=torch.int64, device=dev),
+                torch.empty(num_tasks, capacity, dtype=torch.float32, device=dev))
 
     @torch.library.register_fake("calm_fast::weighted_merge")
     def _(inputs, base, num_tasks, weights, scale, thresholds, strict, masks, dare_p, dare_keys, dare_rescale,

@@ -112,6 +112,24 @@ class ReferenceOps:
                 hist[t] += torch.bincount(sel & 0xFFFF, minlength=hist.shape[1])
 
     @staticmethod
+    def abs_bracket(inputs, base, num_tasks, lo, hi, capacity, dare_p, dare_keys, dare_rescale):
+        T = num_tasks
+        taus = _taus(inputs, base, T, dare_p, dare_keys, dare_rescale)
+        counts = torch.zeros(T, 4, dtype=torch.int64)
+        cand = torch.zeros(T, capacity)
+        for t in range(T):
+            if not taus[t]:
+                continue
+            a = torch.cat([x.abs().reshape(-1) for x in taus[t]])
+            ka, klo, khi = _keys(a), _keys(lo[t].reshape(1)), _keys(hi[t].reshape(1))
+            inside = a[(ka > klo) & (ka < khi)]
+            counts[t] = torch.stack([(ka < klo).sum(), (ka == klo).sum(), inside.numel() * torch.ones((), dtype=torch.int64),
+                                     ((ka == khi) & (khi > klo)).sum()])
+            m = min(capacity, inside.numel())
+            cand[t, :m] = inside[:m]
+        return counts, cand
+
+    @staticmethod
     def weighted_merge(inputs, base, num_tasks, weights, scale, thresholds, strict, masks, dare_p, dare_keys,
                        dare_rescale, out_float):
         T = num_tasks

@@ -13,7 +13,8 @@ over tensors streamed from disk (:class:`ThresholdFinder`) or sharded across pro
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence
+import math
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -97,32 +98,132 @@ class ThresholdFinder:
         return torch.where(self.k > 0, values, torch.full_like(values, KEEP_ALL))
 
 
+SAMPLE_SIZE = 1 << 16
+
+
+def _strided_sample(inputs, base, T: int, L: int, n: int, dare_p: float, dare_keys, dare_rescale: bool) -> List[Tensor]:
+    """Per task, |tau| at every ``stride``-th element of the (virtual) concatenation, sorted (fp32)."""
+    from .reference import philox_uniform  # the same Philox stream as the kernels, on a few indices
+
+    stride = max(1, n // SAMPLE_SIZE)
+    out = []
+    for t in range(T):
+        parts, offset = [], 0
+        for l in range(L):
+            x = inputs[t * L + l].reshape(-1)
+            m = x.numel()
+            if m:
+                first = (-offset) % stride
+                idx = torch.arange(first, m, stride, device=x.device)
+                v = x[idx].float()
+                if base:
+                    v = v - base[l].reshape(-1)[idx].float()
+                if dare_p > 0:
+                    keep = philox_uniform(idx.cpu(), int(dare_keys[t, l])).to(v.device) >= dare_p
+                    scale = (1.0 / (1.0 - dare_p) if dare_p < 1 else 0.0) if dare_rescale else 1.0
+                    v = torch.where(keep, v * torch.tensor(scale, dtype=torch.float32), torch.zeros_like(v))
+                parts.append(v.abs().cpu())
+            offset += m
+        out.append(torch.sort(torch.cat(parts)).values if parts else torch.zeros(0))
+    return out
+
+
 def kth_smallest_abs(inputs: Sequence[Tensor], base: Optional[Sequence[Tensor]], num_tasks: int,
                      ks: Sequence[int], dare_p: float = 0.0, dare_keys: Optional[Tensor] = None,
-                     dare_rescale: bool = True, groups: Optional[Iterable[Sequence[int]]] = None) -> Tensor:
+                     dare_rescale: bool = True, groups: Optional[Iterable[Sequence[int]]] = None,
+                     method: str = "auto") -> Tensor:
     """Exact k-th smallest |tau| (1-indexed) per task over a resident task-major list of tensors.
 
     ``k = 0`` for a task returns ``KEEP_ALL`` (0.0).  ``groups`` optionally lists index sets ``[l...]`` of
     tensors sharing one dtype (mixed-dtype models), each counted with its own op call.
+
+    ``method='auto'`` (default) first tries the one-pass bracket select: a strided sample of 65536
+    values per task predicts an interval [lo, hi] around the k-th value; one ``abs_bracket`` pass counts
+    the elements below / at / inside / at the top of it and copies out the ~1% inside, among which the
+    k-th is selected exactly.  Tasks whose k-th value falls outside the predicted interval (or with
+    more candidates than the buffer holds) fall back to the two-pass radix count (``method='radix'``).
+    Both are exact; the sample only decides how fast.
     """
     T = int(num_tasks)
     L = len(inputs) // T if T else 0
-    finder = ThresholdFinder(T, ks, device=inputs[0].device if L else None, dare_p=dare_p,
-                             dare_rescale=dare_rescale)
     groups = [list(range(L))] if groups is None else [list(g) for g in groups]
+    k = torch.as_tensor(list(ks), dtype=torch.int64)
+    if k.numel() != T:
+        raise ValueError(f"need one k per task ({T}), got {k.numel()}")
+    n = sum(inputs[l].numel() for l in range(L))
+    if bool(((k < 0) | (k > n)).any()):
+        raise ValueError(f"k out of range: k={k.tolist()} for task size {n}")
+    result = torch.full((T,), KEEP_ALL, dtype=torch.float32)
+    todo = k > 0
+    if method == "auto" and bool(todo.any()):
+        result, todo = _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, dare_rescale,
+                                       result)
+    elif method not in ("auto", "radix"):
+        raise ValueError(f"method must be 'auto' or 'radix', got {method!r}")
+    if bool(todo.any()):
+        kk = torch.where(todo, k, torch.zeros_like(k))
+        finder = ThresholdFinder(T, kk.tolist(), device=inputs[0].device, dare_p=dare_p, dare_rescale=dare_rescale)
 
-    def run_pass() -> None:
-        for g in groups:
-            sub = [inputs[t * L + l] for t in range(T) for l in g]
-            sub_base = [base[l] for l in g] if base else None
-            keys = dare_keys[:, g] if dare_keys is not None else None
-            finder.add(sub, sub_base, keys.contiguous() if keys is not None else None)
+        def run_pass() -> None:
+            for g in groups:
+                sub = [inputs[t * L + l] for t in range(T) for l in g]
+                sub_base = [base[l] for l in g] if base else None
+                keys = dare_keys[:, g].contiguous() if dare_keys is not None else None
+                finder.add(sub, sub_base, keys)
 
-    run_pass()
-    finder.next_level()
-    if bool((finder.k > 0).any()):
         run_pass()
-    return finder.thresholds()
+        finder.next_level()
+        run_pass()
+        result = torch.where(todo, finder.thresholds(), result)
+    return result
+
+
+def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, dare_rescale, result):
+    samples = _strided_sample(inputs, base, T, L, n, dare_p, dare_keys, dare_rescale)
+    lo = torch.zeros(T, dtype=torch.float32)
+    hi = torch.full((T,), float("inf"), dtype=torch.float32)
+    width = 0.0
+    for t in range(T):
+        m = samples[t].numel()
+        if not bool(todo[t]) or m == 0:
+            continue
+        q = float(k[t]) / n
+        delta = 4.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
+        width = max(width, 2 * delta)
+        lo_rank, hi_rank = math.floor((q - delta) * m), math.ceil((q + delta) * m)
+        if lo_rank >= 0:
+            lo[t] = samples[t][lo_rank]
+        if hi_rank < m:
+            hi[t] = samples[t][hi_rank]
+    capacity = min(n, int(2 * width * n) + 4096)
+    dev = inputs[0].device
+    counts = torch.zeros(T, 4, dtype=torch.int64)
+    cands: List[List[Tensor]] = [[] for _ in range(T)]
+    for g in groups:
+        sub = [inputs[t * L + l] for t in range(T) for l in g]
+        sub_base = [base[l] for l in g] if base else None
+        keys = dare_keys[:, g].contiguous().to(dev) if dare_keys is not None else None
+        c, cand = ops.abs_bracket(sub, sub_base, T, lo.to(dev), hi.to(dev), capacity, dare_p, keys, dare_rescale)
+        c, cand = c.cpu(), cand.cpu()
+        for t in range(T):
+            cands[t].append(cand[t, :min(int(c[t, 2]), capacity)])
+        counts += c
+    still = todo.clone()
+    for t in range(T):
+        if not bool(todo[t]):
+            continue
+        below, at_lo, inside, at_hi = (int(v) for v in counts[t])
+        kt = int(k[t])
+        if below < kt <= below + at_lo:
+            result[t], still[t] = lo[t], False
+        elif below + at_lo < kt <= below + at_lo + inside:
+            pool = torch.cat(cands[t])
+            if pool.numel() == inside:  # every candidate was kept: select exactly among them
+                result[t] = torch.kthvalue(pool, kt - below - at_lo).values
+                still[t] = False
+        elif below + at_lo + inside < kt <= below + at_lo + inside + at_hi:
+            result[t], still[t] = hi[t], False
+    return result, still
 
 
 def topk_fraction_to_k(n: int, density: float) -> int:

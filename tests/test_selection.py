@@ -109,3 +109,51 @@ def test_rank_helpers():
     assert selection.strict_topk_to_k(10, 0.01) == 0
     with pytest.raises(ValueError):
         selection.topk_fraction_to_k(10, 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("dare_p", [0.0, 0.5])
+def test_bracket_op_matches_reference(gen, dtype, with_base, dare_p):
+    from calm_fast.reference import ReferenceOps
+
+    T, sizes = 2, [3000, 1, 0, 777]
+    xs = make_list(gen, T, sizes, dtype, zeros_frac=0.2)
+    base = [torch.randn(n, generator=gen).to(dtype) for n in sizes] if with_base else []
+    keys = torch.randint(-2**62, 2**62, (T, len(sizes)), generator=gen) if dare_p else None
+    lo = torch.tensor([0.0, 0.3])
+    hi = torch.tensor([0.5, 0.3])  # task 1: lo == hi
+    for cap in [0, 5, 100000]:
+        c1, k1 = torch.ops.calm_fast.abs_bracket(xs, base, T, lo, hi, cap, dare_p, keys, True)
+        c2, k2 = ReferenceOps.abs_bracket(xs, base, T, lo, hi, cap, dare_p, keys, True)
+        assert torch.equal(c1, c2)
+        for t in range(T):
+            m = min(cap, int(c1[t, 2]))
+            if int(c1[t, 2]) <= cap:  # complete: the same set
+                assert torch.equal(torch.sort(k1[t, :m]).values, torch.sort(k2[t, :m]).values)
+
+
+@pytest.mark.parametrize("data", ["gaussian", "zeros", "periodic", "constant", "two_values"])
+def test_bracket_select_exact_with_and_without_fallback(gen, data):
+    """'auto' (bracket) and 'radix' agree with kthvalue on inputs built to defeat the sample:
+    masses of zeros at the threshold, a period that matches the sample stride, all-equal values."""
+    n = 300_000
+    if data == "gaussian":
+        x = torch.randn(n, generator=gen)
+    elif data == "zeros":
+        x = torch.randn(n, generator=gen)
+        x[: n // 2] = 0.0
+    elif data == "periodic":
+        stride = max(1, n // 65536)
+        x = torch.rand(n, generator=gen) + 10.0
+        x[::stride] = 0.001  # the sample sees only these
+    elif data == "constant":
+        x = torch.full((n,), -0.25)
+    else:
+        x = torch.where(torch.rand(n, generator=gen) < 0.8, torch.tensor(1.0), torch.tensor(2.0))
+    xs = [x[: n // 3].contiguous(), x[n // 3:].contiguous()]
+    for k in [1, n // 5, n // 2, n // 2 + 1, 4 * n // 5, n]:
+        want = torch.kthvalue(x.abs(), k).values
+        for method in ["auto", "radix"]:
+            got = selection.kth_smallest_abs(xs, None, 1, [k], method=method)
+            assert got.view(torch.int32) == want.view(torch.int32), (data, k, method)

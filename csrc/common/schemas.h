@@ -17,6 +17,12 @@
 // abs_histogram_: hist[t, bin] += #{elements of task t whose |tau| key falls in bin}; level 0 (prefix
 //   None): hist is [T, 32768], bin = key >> 16; level 1: hist is [T, 65536], only elements with
 //   key >> 16 == prefix[t] count, bin = key & 0xffff (prefix[t] < 0 skips task t).
+// abs_bracket: the one-pass select of resident thresholds.  lo, hi: float32 [T] magnitudes (lo <= hi,
+//   predicted from a sample).  Returns counts int64 [T, 4] = #{|tau| < lo}, #{|tau| == lo},
+//   #{lo < |tau| < hi}, #{|tau| == hi and hi > lo}, and candidates float32 [T, capacity] holding the
+//   |tau| values strictly inside (lo, hi) (the first `capacity` found, in unspecified order; the
+//   rest of a row is unspecified).  Exact for any input: a caller whose k-th value is not pinned by
+//   these counts falls back to abs_histogram_.
 // weighted_merge: out_l = base_l + scale * sum_t weights[t,l] * keep * tau_t  (keep from DARE,
 //   thresholds and masks); without base the merged task vector.
 // ties_merge: trim (|tau| >= thresholds[t,l], or > when strict), weight, elect, disjoint
@@ -32,6 +38,8 @@
   X("build_info() -> str")                                                                           \
   X("abs_histogram_(Tensor(a!) hist, Tensor[] inputs, Tensor[] base, int num_tasks, Tensor? prefix, " \
     "float dare_p, Tensor? dare_keys, bool dare_rescale) -> ()")                                     \
+  X("abs_bracket(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor lo, Tensor hi, int capacity, "    \
+    "float dare_p, Tensor? dare_keys, bool dare_rescale) -> (Tensor, Tensor)")                       \
   X("weighted_merge(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor weights, float scale, "    \
     "Tensor? thresholds, bool strict, Tensor[] masks, float dare_p, Tensor? dare_keys, "             \
     "bool dare_rescale, bool out_float) -> (Tensor[], Tensor)")                                      \

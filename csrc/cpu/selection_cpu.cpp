@@ -102,8 +102,123 @@ void abs_histogram_cpu(at::Tensor& hist, at::TensorList inputs, at::TensorList b
   });
 }
 
+// --------------------------------------------------------------------------------------------------
+// abs_bracket: one pass that pins the k-th |tau| between two sampled bounds (see schemas.h).  Only
+// vectorised compares and counts on the hot path; the few elements strictly inside the bracket are
+// copied out for an exact selection among them.
+// --------------------------------------------------------------------------------------------------
+struct BracketState {
+  std::mutex mutex;
+  std::vector<int64_t> counts;                 // [T, 4]
+  std::vector<std::vector<float>> candidates;  // per task, at most `capacity`
+  std::vector<int64_t> inside_total;           // per task, uncapped
+};
+
+template <typename scalar_t>
+void bracket_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, const float* lo, const float* hi,
+                  int64_t capacity, const DareParams& dare, const int64_t* keys, BracketState& st) {
+  const auto in_ptr = data_ptrs<scalar_t>(inputs);
+  const auto base_ptr = data_ptrs<scalar_t>(base);
+  std::vector<HistUnit> units;
+  for (int64_t t = 0; t < tl.T; ++t)
+    for (int64_t l = 0; l < tl.L; ++l)
+      for (int64_t b = 0; b < tl.numel[l]; b += kUnit) units.push_back({t, l, b, std::min(tl.numel[l], b + kUnit)});
+
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    std::vector<int64_t> counts(static_cast<size_t>(tl.T * 4), 0);
+    std::vector<std::vector<float>> cand(tl.T);
+    alignas(64) float tile[kTile];
+    alignas(64) float compact[kTile];
+    alignas(64) uint32_t key[kTile];
+    for (int64_t u = u0; u < u1; ++u) {
+      const HistUnit& w = units[u];
+      const uint32_t klo = abs_key(lo[w.t]), khi = abs_key(hi[w.t]);
+      const bool distinct = khi > klo;
+      const scalar_t* in = in_ptr[w.t * tl.L + w.l];
+      const scalar_t* bs = tl.has_base ? base_ptr[w.l] : nullptr;
+      const uint64_t dkey = keys != nullptr ? static_cast<uint64_t>(keys[w.t * tl.L + w.l]) : 0u;
+      int64_t* c = counts.data() + w.t * 4;
+      for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+        const int64_t n = std::min(kTile, w.end - i0);
+        load_tau_tile(in, bs, i0, n, dare, dkey, tile);
+        int32_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t k = abs_key(tile[j]);
+          key[j] = k;
+          below += k < klo;
+          at_lo += k == klo;
+          at_hi += (k == khi) & distinct;
+          inside += (k > klo) & (k < khi);
+        }
+        c[0] += below;
+        c[1] += at_lo;
+        c[2] += inside;
+        c[3] += at_hi;
+        std::vector<float>& out = cand[w.t];
+        if (inside > 0 && static_cast<int64_t>(out.size()) < capacity) {
+          // Branch-free compaction into a tile buffer (every element is written, the cursor advances
+          // only for the ones inside), then one append.
+          int64_t m = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            compact[m] = bits_float(key[j]);
+            m += static_cast<int64_t>((key[j] > klo) & (key[j] < khi));
+          }
+          const int64_t take = std::min<int64_t>(m, capacity - static_cast<int64_t>(out.size()));
+          out.insert(out.end(), compact, compact + take);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(st.mutex);
+    for (size_t i = 0; i < counts.size(); ++i) st.counts[i] += counts[i];
+    for (int64_t t = 0; t < tl.T; ++t) {
+      std::vector<float>& dst = st.candidates[t];
+      const int64_t room = capacity - static_cast<int64_t>(dst.size());
+      const int64_t take = std::min<int64_t>(room, static_cast<int64_t>(cand[t].size()));
+      dst.insert(dst.end(), cand[t].begin(), cand[t].begin() + take);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> abs_bracket_cpu(at::TensorList inputs, at::TensorList base, int64_t num_tasks,
+                                                   const at::Tensor& lo, const at::Tensor& hi, int64_t capacity,
+                                                   double dare_p, const c10::optional<at::Tensor>& dare_keys,
+                                                   bool dare_rescale) {
+  constexpr const char* op = "calm_fast.abs_bracket";
+  const TaskList tl = check_task_list(op, inputs, base, num_tasks);
+  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
+  const at::Tensor lo_c = check_vector(op, "lo", lo, num_tasks, at::kFloat, tl);
+  const at::Tensor hi_c = check_vector(op, "hi", hi, num_tasks, at::kFloat, tl);
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    const float a = lo_c.data_ptr<float>()[t], b = hi_c.data_ptr<float>()[t];
+    TORCH_CHECK(a >= 0.f && b >= a, op, ": need 0 <= lo <= hi, got lo[", t, "]=", a, " hi[", t, "]=", b);
+  }
+  check_dare(op, dare_p, dare_keys, tl);
+  BracketState st;
+  st.counts.assign(static_cast<size_t>(num_tasks * 4), 0);
+  st.candidates.resize(num_tasks);
+  if (tl.L > 0) {
+    const at::Tensor keys = dare_keys.has_value() ? dare_keys->contiguous() : at::Tensor();
+    const DareParams dare = make_dare(dare_p, dare_rescale);
+    CF_DISPATCH_FLOAT(tl.dtype, [&] {
+      bracket_impl<scalar_t>(inputs, base, tl, lo_c.data_ptr<float>(), hi_c.data_ptr<float>(), capacity, dare,
+                             keys.defined() ? keys.data_ptr<int64_t>() : nullptr, st);
+    });
+  }
+  at::Tensor counts = at::empty({num_tasks, 4}, at::kLong);
+  std::memcpy(counts.data_ptr<int64_t>(), st.counts.data(), sizeof(int64_t) * st.counts.size());
+  at::Tensor cand = at::empty({num_tasks, capacity}, at::kFloat);
+  for (int64_t t = 0; t < num_tasks; ++t)
+    if (!st.candidates[t].empty())
+      std::memcpy(cand.data_ptr<float>() + t * capacity, st.candidates[t].data(),
+                  sizeof(float) * st.candidates[t].size());
+  return {counts, cand};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace calm_fast
 
-TORCH_LIBRARY_IMPL(calm_fast, CPU, m) { m.impl("abs_histogram_", &calm_fast::cpu::abs_histogram_cpu); }
+TORCH_LIBRARY_IMPL(calm_fast, CPU, m) {
+  m.impl("abs_histogram_", &calm_fast::cpu::abs_histogram_cpu);
+  m.impl("abs_bracket", &calm_fast::cpu::abs_bracket_cpu);
+}
