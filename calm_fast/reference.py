@@ -33,9 +33,11 @@ def _mulhilo32(a: int, b: Tensor):
     return (s >> 32) + (p1 >> 16), s & _M32
 
 
-def philox_uniform(counter: Tensor, key: int) -> Tensor:
-    """Uniform [0, 1) floats (2^-24 grid) of Philox-4x32-10 word 0 for int64 counters and a 64-bit key."""
+def philox_uniform(index: Tensor, key: int) -> Tensor:
+    """Uniform [0, 1) floats (2^-24 grid) for int64 element indices under a 64-bit key: word (i & 3) of
+    Philox-4x32-10 at counter i >> 2 (the kernels' definition, csrc/common/elementwise.h)."""
     key &= (1 << 64) - 1
+    counter = index >> 2
     c0 = counter & _M32
     c1 = (counter >> 32) & _M32
     c2 = torch.zeros_like(c0)
@@ -47,7 +49,8 @@ def philox_uniform(counter: Tensor, key: int) -> Tensor:
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = (k0 + 0x9E3779B9) & _M32
         k1 = (k1 + 0xBB67AE85) & _M32
-    return (c0 >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    words = torch.stack([c0, c1, c2, c3], dim=-1).gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
+    return (words >> 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def dare_reference(tau: Tensor, p: float, key: int, rescale: bool = True) -> Tensor:

@@ -157,3 +157,18 @@ def test_bracket_select_exact_with_and_without_fallback(gen, data):
         for method in ["auto", "radix"]:
             got = selection.kth_smallest_abs(xs, None, 1, [k], method=method)
             assert got.view(torch.int32) == want.view(torch.int32), (data, k, method)
+
+
+def test_p2_strict_rule_keeps_at_most_k_minus_one(gen):
+    """CALM / Localize-and-Stitch init (P2): k = int(s*N), threshold = k-th largest, keep |x| > t."""
+    xs = [torch.randn(5000, generator=gen), torch.randn(123, generator=gen)]
+    n = 5123
+    for frac in [1e-3, 0.05, 0.5]:
+        k = int(frac * n)
+        rank = selection.strict_topk_to_k(n, frac)
+        t = selection.kth_smallest_abs(xs, None, 1, [rank])
+        cat = torch.cat(xs).abs()
+        assert t.item() == torch.topk(cat, k).values.min().item()
+        assert int((cat > t).sum()) == k - 1  # distinct values: exactly k - 1 kept
+        out, _ = ops.weighted_merge(xs, None, 1, 1.0, 1.0, thresholds=t.reshape(1, 1).expand(1, 2), strict=True)
+        assert sum(int((o != 0).sum()) for o in out) == k - 1

@@ -54,7 +54,9 @@ CF_HD bool is_nonfinite(float v) { return abs_key(v) >= kNonFiniteKey; }
 
 // ---------------------------------------------------------------------------------------------
 // Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), used as a
-// counter-based generator: counter = element index, key = per-(seed, task, tensor) 64-bit key.
+// counter-based generator.  Element i of a tensor uses word (i & 3) of the block for counter i >> 2
+// under that tensor's 64-bit key: every element gets its own 32 random bits, a block serves four
+// consecutive elements (4x fewer rounds on the CPU), and the value depends only on (key, i).
 // ---------------------------------------------------------------------------------------------
 CF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
@@ -62,7 +64,11 @@ CF_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   lo = static_cast<uint32_t>(p);
 }
 
-CF_HD uint32_t philox_first_word(uint64_t counter, uint64_t key) {
+struct Philox4 {
+  uint32_t w[4];
+};
+
+CF_HD Philox4 philox4x32_10(uint64_t counter, uint64_t key) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
   uint32_t c2 = 0u, c3 = 0u;
   uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
@@ -78,12 +84,16 @@ CF_HD uint32_t philox_first_word(uint64_t counter, uint64_t key) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  return Philox4{{c0, c1, c2, c3}};
 }
 
-// Uniform in [0, 1) on a 2^-24 grid (exact in fp32).
-CF_HD float philox_uniform(uint64_t counter, uint64_t key) {
-  return static_cast<float>(philox_first_word(counter, key) >> 8) * (1.0f / 16777216.0f);
+// 32-bit word -> uniform in [0, 1) on a 2^-24 grid (exact in fp32).
+CF_HD float word_to_uniform(uint32_t w) { return static_cast<float>(w >> 8) * (1.0f / 16777216.0f); }
+
+// The uniform of element `index` under `key`.
+CF_HD float philox_uniform(uint64_t index, uint64_t key) {
+  const Philox4 b = philox4x32_10(index >> 2, key);
+  return word_to_uniform(b.w[index & 3]);
 }
 
 // DARE drop-and-rescale of one element.  Kept iff u >= p (p = 0 keeps all, p = 1 drops all).
