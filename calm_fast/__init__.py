@@ -25,3 +25,16 @@ __version__ = "0.1.0"
 
 __all__ = ["backend", "build_info", "task_arithmetic", "ties_merging", "dare_merging", "consensus_merging",
            "ops", "selection", "reference", "__version__"]
+
+
+def __getattr__(name):
+    """Lazy access to the checkpoint layer (keeps `import calm_fast` light)."""
+    if name == "merge_checkpoints":
+        from .streaming import merge_checkpoints
+
+        return merge_checkpoints
+    if name in ("io", "streaming", "compat", "cli"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'calm_fast' has no attribute {name!r}")
