@@ -102,7 +102,13 @@ SAMPLE_SIZE = 1 << 16
 
 
 def _strided_sample(inputs, base, T: int, L: int, n: int, dare_p: float, dare_keys, dare_rescale: bool) -> List[Tensor]:
-    """Per task, |tau| at every ``stride``-th element of the (virtual) concatenation, sorted (fp32)."""
+    """Per task, |tau| at every ``stride``-th element of the (virtual) concatenation, sorted (fp32).
+
+    Strided views and NumPy sorting only: a few tiny single-threaded operations, so the sample costs
+    microseconds rather than thread-pool round trips.
+    """
+    import numpy as np
+
     from .reference import philox_uniform  # the same Philox stream as the kernels, on a few indices
 
     stride = max(1, n // SAMPLE_SIZE)
@@ -112,19 +118,20 @@ def _strided_sample(inputs, base, T: int, L: int, n: int, dare_p: float, dare_ke
         for l in range(L):
             x = inputs[t * L + l].reshape(-1)
             m = x.numel()
-            if m:
-                first = (-offset) % stride
-                idx = torch.arange(first, m, stride, device=x.device)
-                v = x[idx].float()
-                if base:
-                    v = v - base[l].reshape(-1)[idx].float()
-                if dare_p > 0:
-                    keep = philox_uniform(idx.cpu(), int(dare_keys[t, l])).to(v.device) >= dare_p
-                    scale = (1.0 / (1.0 - dare_p) if dare_p < 1 else 0.0) if dare_rescale else 1.0
-                    v = torch.where(keep, v * torch.tensor(scale, dtype=torch.float32), torch.zeros_like(v))
-                parts.append(v.abs().cpu())
+            first = (-offset) % stride
             offset += m
-        out.append(torch.sort(torch.cat(parts)).values if parts else torch.zeros(0))
+            if first >= m:
+                continue
+            v = x[first::stride].float()
+            if base:
+                v = v - base[l].reshape(-1)[first::stride].float()
+            if dare_p > 0:
+                idx = torch.arange(first, m, stride)
+                keep = philox_uniform(idx, int(dare_keys[t, l])).to(v.device) >= dare_p
+                scale = (1.0 / (1.0 - dare_p) if dare_p < 1 else 0.0) if dare_rescale else 1.0
+                v = torch.where(keep, v * torch.tensor(scale, dtype=torch.float32), torch.zeros_like(v))
+            parts.append(np.abs(v.cpu().numpy()))
+        out.append(torch.from_numpy(np.sort(np.concatenate(parts))) if parts else torch.zeros(0))
     return out
 
 
