@@ -185,8 +185,12 @@ def kth_smallest_abs(inputs: Sequence[Tensor], base: Optional[Sequence[Tensor]],
     return result
 
 
-def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, dare_rescale, result):
-    samples = _strided_sample(inputs, base, T, L, n, dare_p, dare_keys, dare_rescale)
+def bracket_bounds(samples: Sequence[Tensor], ks: Sequence[int], n: int, todo: Tensor):
+    """[lo, hi] per task around the k-th of n values, from sorted samples: the sample quantiles at
+    q ± (4 standard errors + 2/m), so the k-th value lies inside with overwhelming probability for a
+    representative sample (and the select stays exact when it does not).  Returns (lo, hi, width) with
+    width = the largest predicted fraction of elements strictly inside."""
+    T = len(samples)
     lo = torch.zeros(T, dtype=torch.float32)
     hi = torch.full((T,), float("inf"), dtype=torch.float32)
     width = 0.0
@@ -194,7 +198,7 @@ def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, d
         m = samples[t].numel()
         if not bool(todo[t]) or m == 0:
             continue
-        q = float(k[t]) / n
+        q = float(ks[t]) / n
         delta = 4.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
         width = max(width, 2 * delta)
         lo_rank, hi_rank = math.floor((q - delta) * m), math.ceil((q + delta) * m)
@@ -202,6 +206,35 @@ def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, d
             lo[t] = samples[t][lo_rank]
         if hi_rank < m:
             hi[t] = samples[t][hi_rank]
+    return lo, hi, width
+
+
+def resolve_bracket(counts: Tensor, candidates: Sequence[Optional[Tensor]], ks: Sequence[int], todo: Tensor,
+                    lo: Tensor, hi: Tensor, result: Tensor) -> Tensor:
+    """Pin each task's k-th |tau| from the abs_bracket counts; writes ``result`` and returns the mask of
+    tasks still unresolved (k-th outside [lo, hi], or inside with an incomplete candidate set: pass
+    ``None`` as a task's candidates when some were dropped)."""
+    still = todo.clone()
+    for t in range(len(ks)):
+        if not bool(todo[t]):
+            continue
+        below, at_lo, inside, at_hi = (int(v) for v in counts[t])
+        k = int(ks[t])
+        if below < k <= below + at_lo:
+            result[t], still[t] = lo[t], False
+        elif below + at_lo < k <= below + at_lo + inside:
+            pool = candidates[t]
+            if pool is not None and pool.numel() == inside:  # the full set: select exactly among it
+                result[t] = torch.kthvalue(pool, k - below - at_lo).values
+                still[t] = False
+        elif below + at_lo + inside < k <= below + at_lo + inside + at_hi:
+            result[t], still[t] = hi[t], False
+    return still
+
+
+def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, dare_rescale, result):
+    samples = _strided_sample(inputs, base, T, L, n, dare_p, dare_keys, dare_rescale)
+    lo, hi, width = bracket_bounds(samples, k.tolist(), n, todo)
     capacity = min(n, int(2 * width * n) + 4096)
     dev = inputs[0].device
     counts = torch.zeros(T, 4, dtype=torch.int64)
@@ -215,22 +248,8 @@ def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, d
         for t in range(T):
             cands[t].append(cand[t, :min(int(c[t, 2]), capacity)])
         counts += c
-    still = todo.clone()
-    for t in range(T):
-        if not bool(todo[t]):
-            continue
-        below, at_lo, inside, at_hi = (int(v) for v in counts[t])
-        kt = int(k[t])
-        if below < kt <= below + at_lo:
-            result[t], still[t] = lo[t], False
-        elif below + at_lo < kt <= below + at_lo + inside:
-            pool = torch.cat(cands[t])
-            if pool.numel() == inside:  # every candidate was kept: select exactly among them
-                result[t] = torch.kthvalue(pool, kt - below - at_lo).values
-                still[t] = False
-        elif below + at_lo + inside < kt <= below + at_lo + inside + at_hi:
-            result[t], still[t] = hi[t], False
-    return result, still
+    pools = [torch.cat(c) if c else torch.zeros(0) for c in cands]
+    return result, resolve_bracket(counts, pools, k.tolist(), todo, lo, hi, result)
 
 
 def topk_fraction_to_k(n: int, density: float) -> int:

@@ -1241,21 +1241,7 @@ class _Engine:
     def _bracket_thresholds(self, ks: List[int], N: int, todo: Tensor, result: Tensor) -> Tuple[Tensor, Tensor]:
         t0 = time.perf_counter()
         samples = self._sample_abs_tau(N)
-        lo = torch.zeros(self.T, dtype=torch.float32)
-        hi = torch.full((self.T,), float("inf"), dtype=torch.float32)
-        width = 0.0
-        for t in range(self.T):
-            m = samples[t].numel()
-            if not bool(todo[t]) or m == 0:
-                continue
-            q = ks[t] / N
-            delta = 4.0 * math.sqrt(max(q * (1.0 - q), 1.0 / m) / m) + 2.0 / m
-            width = max(width, 2 * delta)
-            lo_rank, hi_rank = math.floor((q - delta) * m), math.ceil((q + delta) * m)
-            if lo_rank >= 0:
-                lo[t] = samples[t][lo_rank]
-            if hi_rank < m:
-                hi[t] = samples[t][hi_rank]
+        lo, hi, width = selection.bracket_bounds(samples, ks, N, todo)
         self.timer.add("select", time.perf_counter() - t0)
         counts = torch.zeros(self.T, 4, dtype=torch.int64)
         cands: List[List[Tensor]] = [[] for _ in range(self.T)]
@@ -1287,22 +1273,9 @@ class _Engine:
 
         self.passes += 1
         self._pass(f"pass {self.passes} thresholds (bracket)", self.groups, bracket)
-        still = todo.clone()
         t2 = time.perf_counter()
-        for t in range(self.T):
-            if not bool(todo[t]):
-                continue
-            below, at_lo, inside, at_hi = (int(v) for v in counts[t])
-            k = ks[t]
-            if below < k <= below + at_lo:
-                result[t], still[t] = lo[t], False
-            elif below + at_lo < k <= below + at_lo + inside and not lost[t]:
-                pool = torch.cat(cands[t])
-                if pool.numel() == inside:
-                    result[t] = torch.kthvalue(pool, k - below - at_lo).values
-                    still[t] = False
-            elif below + at_lo + inside < k <= below + at_lo + inside + at_hi:
-                result[t], still[t] = hi[t], False
+        pools = [None if lost[t] else (torch.cat(cands[t]) if cands[t] else torch.zeros(0)) for t in range(self.T)]
+        still = selection.resolve_bracket(counts, pools, ks, todo, lo, hi, result)
         self.timer.add("select", time.perf_counter() - t2)
         self.bracket_fallbacks = int(still.sum())
         return result, still
