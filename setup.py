@@ -104,7 +104,7 @@ if os.environ.get("CALM_FAST_BUILD_EMU", "0") == "1":
             include_dirs=include_dirs,
             define_macros=[("CALM_FAST_EMULATE_CUDA", "1")],
             # C++20 for the emulator; -O1 keeps the (test-only) build quick.
-            extra_compile_args={"cxx": ["-O1", "-std=c++20", "-Wno-unused-function"]},
+            extra_compile_args={"cxx": ["-O1", "-std=c++20", "-ffp-contract=off", "-Wno-unused-function"]},
         )
     )
 

@@ -1255,8 +1255,12 @@ class _Engine:
             t1 = time.perf_counter()
             n_g = sum(p.numel for p in loaded.pieces)
             capacity = min(n_g, int(2 * width * n_g) + 4096)
-            c, cand = ops.abs_bracket(loaded.inputs(), loaded.base, self.T, lo, hi, capacity, self.dare_p,
-                                      self._dare_keys(loaded.pieces), self.rescale)
+            ins = loaded.inputs()
+            dev = ins[0].device if ins else lo.device
+            keys = self._dare_keys(loaded.pieces)
+            c, cand = ops.abs_bracket(ins, loaded.base, self.T, lo.to(dev), hi.to(dev), capacity, self.dare_p,
+                                      keys.to(dev) if keys is not None else None, self.rescale)
+            c, cand = c.cpu(), cand.cpu()  # counts and candidates are small: resolve on the host
             counts.add_(c)
             for t in range(self.T):
                 inside = int(c[t, 2])

@@ -5,13 +5,17 @@ same .cu sources compiled with the CPU emulator (``torch.ops.calm_fast_emu.*`` f
 built with ``CALM_FAST_BUILD_EMU=1``).  The expected result is always the CPU op ``torch.ops.calm_fast.*``
 on the same inputs: histograms, outputs (fp32 / bf16 / fp16 / out_float), packed masks, sign sums,
 cancel counts and non-finite counts must be identical (floats compared by bit pattern, NaN == NaN);
-ties positions are compared as sets with their patch rows.
+ties positions are compared as sets with their patch rows.  abs_bracket: identical counts; its candidates
+(in unspecified order) as sorted sets when they fit the capacity, else as a sub-multiset of values strictly
+inside (lo, hi).
 
 Under the emulator, CALM_FAST_EMU_SMS (default 4) sets the "number of SMs", hence the grids: the tests
 use sizes well above grid * chunk so that grid-stride loops, tail chunks and tensors smaller than a
 chunk all occur, and repeat some cases with 1 SM and with permuted / reversed thread and block orders
 (CALM_FAST_EMU_ORDER, read at every launch).  The whole file can also be run with the order forced:
     CALM_FAST_EMU_ORDER=permute:1 python -m pytest tests/test_cuda_ops.py -q
+The tests named ``test_small_*`` run one quick case of every op; benchmarks/gpu_check.sh runs them
+(``-k small``) under compute-sanitizer on a GPU.
 """
 from __future__ import annotations
 
@@ -267,6 +271,187 @@ def test_abs_histogram_rejects_bad_arguments(backend):
     with pytest.raises(RuntimeError, match="level-0 bucket"):
         backend.ops.abs_histogram_(to_dev(torch.zeros(1, LOW_BINS, dtype=torch.long), backend), x, [], 1,
                                    to_dev(torch.tensor([HIGH_BINS]), backend), 0.0, None, False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# abs_bracket
+# ----------------------------------------------------------------------------------------------------
+def _taus_f32(inputs, base):
+    """The fp32 tau the kernels see: input - base in fp32 (or the input)."""
+    L = len(base)
+    if not base:
+        return [x.float() for x in inputs]
+    return [x.float() - base[i % L].float() for i, x in enumerate(inputs)]
+
+
+def bracket_bounds(taus, T, kinds):
+    """fp32 [T] lo, hi per task from the task's sorted finite |tau| values (ties at lo and hi):
+    'mid' a narrow bracket inside, 'equal' lo == hi at an existing value, 'zero_lo' lo = 0,
+    'inf_hi' hi = inf, 'all' lo = 0 and hi = inf (every finite non-zero value inside)."""
+    L = len(taus) // T
+    lo, hi = torch.zeros(T), torch.zeros(T)
+    for t, kind in enumerate(kinds):
+        a = torch.cat([taus[t * L + l].reshape(-1).abs() for l in range(L)] + [torch.zeros(0)])
+        a = torch.sort(a[torch.isfinite(a)]).values
+        q = (lambda f: float(a[min(int(f * a.numel()), a.numel() - 1)])) if a.numel() else (lambda f: 0.5)
+        lo[t], hi[t] = {"mid": (q(0.55), q(0.65)), "equal": (q(0.7), q(0.7)), "zero_lo": (0.0, q(0.5)),
+                        "inf_hi": (q(0.9), float("inf")), "all": (0.0, float("inf"))}[kind]
+    return lo, hi
+
+
+def _sub_multiset(got, full):
+    """Every value of `got` occurs in `full` at least as often (both 1-D)."""
+    if got.numel() == 0:
+        return True
+    vg, cg = torch.unique(got, return_counts=True)
+    vf, cf = torch.unique(full, return_counts=True)
+    if vf.numel() == 0:
+        return False
+    i = torch.searchsorted(vf, vg).clamp(max=vf.numel() - 1)
+    return bool((vf[i] == vg).all()) and bool((cf[i] >= cg).all())
+
+
+def _bracket(backend, inputs, base, T, lo, hi, capacities, p=0.0, keys=None, rescale=False, check_counts=False):
+    """abs_bracket on the backend at each capacity against the CPU op: identical counts; the candidate
+    set equal to the CPU's complete one when it fits, else min(count, capacity) values, each strictly
+    inside (lo, hi), forming a sub-multiset of the complete set.  Returns the counts."""
+    n = sum(x.numel() for x in inputs[: len(inputs) // T]) if inputs else 0
+    want_c, full = CPU.abs_bracket(inputs, base, T, lo, hi, n, p, keys, rescale)  # room for every candidate
+    if check_counts:  # the CPU op itself against torch (no DARE): float compares of |tau| equal key compares
+        L = len(inputs) // T
+        taus = _taus_f32(inputs, base)
+        for t in range(T):
+            a = torch.cat([taus[t * L + l].reshape(-1).abs() for l in range(L)] + [torch.zeros(0)])
+            ref = [(a < lo[t]).sum(), (a == lo[t]).sum(), ((a > lo[t]) & (a < hi[t])).sum(),
+                   ((a == hi[t]) & (hi[t] > lo[t])).sum()]
+            assert want_c[t].tolist() == [int(r) for r in ref], (t, want_c[t].tolist(), ref)
+    for cap in capacities:
+        c, k = backend.ops.abs_bracket(to_dev(inputs, backend), to_dev(base, backend), T, to_dev(lo, backend),
+                                       to_dev(hi, backend), cap, p, to_dev(keys, backend), rescale)
+        assert c.device.type == backend.device.type and k.device.type == backend.device.type
+        assert_same(c, want_c, f"abs_bracket counts (capacity {cap})")
+        assert k.dtype == torch.float32 and tuple(k.shape) == (T, cap), (k.dtype, k.shape)
+        k = k.cpu()
+        for t in range(T):
+            inside = int(want_c[t, 2])
+            everything = torch.sort(full[t, :inside]).values
+            got = torch.sort(k[t, : min(inside, cap)]).values
+            if inside <= cap:
+                assert_same(got, everything, f"abs_bracket candidates of task {t} (capacity {cap})")
+            else:
+                assert bool(((got > lo[t]) & (got < hi[t])).all()), f"task {t}: a candidate outside (lo, hi)"
+                assert _sub_multiset(got, everything), f"task {t}: candidates not a sub-multiset (capacity {cap})"
+    return want_c
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("with_base", [False, True], ids=["tau", "base"])
+def test_abs_bracket(backend, dtype, with_base):
+    g = _gen(61)
+    T = 5
+    tau = make_tasks(g, T, SIZES, dtype, zeros=0.3, nonfinite=True)
+    base = make_base(g, SIZES, dtype) if with_base else []
+    inputs = as_inputs(tau, base)
+    lo, hi = bracket_bounds(_taus_f32(inputs, base), T, ["mid", "equal", "zero_lo", "inf_hi", "all"])
+    c = _bracket(backend, inputs, base, T, lo, hi, [1 << 17, 300], check_counts=True)
+    assert int(c[0, 1]) > 0 and int(c[0, 3]) > 0 and int(c[0, 2]) > 300  # ties at both ends; over 300
+    assert int(c[1, 2]) == 0 and int(c[1, 3]) == 0  # lo == hi: nothing inside, all ties "at lo"
+    assert int(c[3, 3]) > 0  # the injected inf values sit at hi = inf (NaN counts nowhere)
+
+
+def test_abs_bracket_emulator_settings(backend, emu_env):
+    g = _gen(62)
+    T = 3
+    tau = make_tasks(g, T, SIZES, torch.bfloat16, zeros=0.1, quant=0)
+    base = make_base(g, SIZES, torch.bfloat16)
+    inputs = as_inputs(tau, base)
+    keys = dare_keys(g, T, len(SIZES))
+    lo, hi = bracket_bounds(_taus_f32(inputs, base), T, ["mid", "all", "equal"])
+    _bracket(backend, inputs, base, T, lo, hi, [1 << 17, 1000], 0.3, keys, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("p,rescale", [(0.4, True), (0.25, False), (1.0, True)])
+def test_abs_bracket_dare(backend, dtype, p, rescale):
+    g = _gen(63)
+    T = 2
+    sizes = [1, 31, 4097, 9000]
+    tau = make_tasks(g, T, sizes, dtype, zeros=0.05, quant=0)
+    keys = dare_keys(g, T, len(sizes))
+    lo, hi = bracket_bounds(_taus_f32(tau, []), T, ["mid", "zero_lo"])
+    c = _bracket(backend, tau, [], T, lo, hi, [1 << 15, 64], p, keys, rescale)
+    if p == 1.0:  # everything dropped: all values are 0, below task 0's bracket, at task 1's lo = 0
+        n = sum(_numel(s) for s in sizes)
+        assert c[0].tolist() == [n, 0, 0, 0] and c[1].tolist() == [0, n, 0, 0]
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 37, "exact", "exact+1"])
+def test_abs_bracket_capacity(backend, emu_env, capacity):
+    # Over capacity the counts stay exact and the first `capacity` slots all hold genuine candidates.
+    g = _gen(64)
+    T = 2
+    sizes = [20000, 1, 9000]
+    tau = make_tasks(g, T, sizes, torch.float32, zeros=0.2)
+    lo, hi = bracket_bounds(tau, T, ["all", "mid"])
+    want = CPU.abs_bracket(tau, [], T, lo, hi, 0, 0.0, None, False)[0]
+    if isinstance(capacity, str):
+        capacity = int(want[0, 2]) + (capacity == "exact+1")
+    _bracket(backend, tau, [], T, lo, hi, [capacity])
+
+
+def test_abs_bracket_stage_overflow(backend, monkeypatch):
+    # One task of 17 full chunks on a 1-SM emulated device (grid 8): blocks meet several chunks of the
+    # task in a row, so the warps' 512-float candidate buffers fill up and flush mid-task.
+    monkeypatch.setenv("CALM_FAST_EMU_SMS", "1")
+    g = _gen(65)
+    x = [torch.randn(17 * 4096, generator=g) + 0.01, torch.randn(5, generator=g)]
+    lo, hi = torch.tensor([0.0]), torch.tensor([float("inf")])
+    c = _bracket(backend, x, [], 1, lo, hi, [1 << 17, 17 * 4096 - 3, 5000])
+    assert int(c[0, 2]) > 17 * 4096 - 10
+
+
+def test_abs_bracket_edge_cases(backend):
+    # Empty lists, all-empty tensors, 1-element tensors, +-0 / inf / NaN values, lo = hi = 0 and inf.
+    for T in (1, 3):
+        lo, hi = torch.zeros(T), torch.ones(T)
+        c, k = backend.ops.abs_bracket([], [], T, to_dev(lo, backend), to_dev(hi, backend), 5, 0.0, None, False)
+        assert c.shape == (T, 4) and int(c.abs().sum()) == 0 and k.shape == (T, 5)
+        c, k = backend.ops.abs_bracket(to_dev([torch.empty(0), torch.empty(0, 2)] * T, backend), [], T,
+                                       to_dev(lo, backend), to_dev(hi, backend), 3, 0.0, None, False)
+        assert int(c.abs().sum()) == 0 and k.shape == (T, 3)
+    vals = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, float("inf"), float("-inf"), float("nan"), 0.5, -3.0])
+    xs = [v.reshape(1) for v in vals]  # ten 1-element tensors per task
+    for lo_v, hi_v in [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, float("inf")), (float("inf"), float("inf")),
+                       (0.0, float("inf")), (-0.0, 2.0)]:
+        for dtype in DTYPES:
+            x = [t.to(dtype) for t in xs + [-t for t in xs]]
+            _bracket(backend, x, [], 2, torch.tensor([lo_v, lo_v]), torch.tensor([hi_v, hi_v]), [0, 2, 10],
+                     check_counts=True)
+
+
+def test_abs_bracket_rejects_bad_arguments(backend):
+    x = [torch.ones(10), torch.ones(10)]
+    cases = [
+        (dict(lo=torch.tensor([0.5, 0.2]), hi=torch.tensor([1.0, 0.1])), "0 <= lo <= hi"),
+        (dict(lo=torch.tensor([-0.5, 0.0]), hi=torch.tensor([1.0, 1.0])), "0 <= lo <= hi"),
+        (dict(lo=torch.tensor([float("nan"), 0.0]), hi=torch.tensor([1.0, 1.0])), "0 <= lo <= hi"),
+        (dict(lo=torch.zeros(3), hi=torch.ones(2)), "lo must have shape"),
+        (dict(lo=torch.zeros(2, dtype=torch.float64), hi=torch.ones(2)), "lo must have dtype"),
+        (dict(capacity=-1), "capacity must be >= 0"),
+        (dict(p=0.5), "dare_p > 0 needs dare_keys"),
+        (dict(inputs=[torch.ones(10), torch.ones(10, dtype=torch.float16)]), "has dtype"),
+        (dict(inputs=[torch.ones(10)] * 3), "not a multiple of num_tasks"),
+    ]
+    for kw, msg in cases:
+        a = dict(inputs=x, lo=torch.zeros(2), hi=torch.ones(2), capacity=4, p=0.0)
+        a.update(kw)
+        args = lambda dev: (to_dev(a["inputs"], dev), [], 2, to_dev(a["lo"], dev), to_dev(a["hi"], dev),
+                            a["capacity"], a["p"], None, False)
+        with pytest.raises(RuntimeError, match=msg) as cpu_err:
+            CPU.abs_bracket(*args(SimpleNamespace(device=torch.device("cpu"))))
+        with pytest.raises(RuntimeError, match=msg) as dev_err:
+            backend.ops.abs_bracket(*args(backend))
+        assert str(cpu_err.value).splitlines()[0] == str(dev_err.value).splitlines()[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -542,6 +727,54 @@ def test_consensus_merge_empty(backend):
     x = to_dev([torch.empty(0), torch.empty(0)], backend)
     got = backend.ops.consensus_merge(x, [], 2, to_dev(torch.ones(2), backend), [], 1, 1.0, True, False)
     assert got[0][0].shape == (0,) and [m.shape for m in got[1]] == [(0,), (0,)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# "small": one quick case of every op (base, DARE, a partial chunk, tiny tensors) for
+# benchmarks/gpu_check.sh, which runs `-k small` under compute-sanitizer memcheck and racecheck.
+# ----------------------------------------------------------------------------------------------------
+SMALL_SIZES = [1, 33, (3, 5), 1025, 4500]
+
+
+def _small_case(dtype=torch.bfloat16, T=3, seed=71, **kw):
+    g = _gen(seed)
+    tau = make_tasks(g, T, SMALL_SIZES, dtype, **kw)
+    base = make_base(g, SMALL_SIZES, dtype)
+    return g, tau, base, as_inputs(tau, base), len(SMALL_SIZES)
+
+
+@pytest.mark.parametrize("dare", [False, True], ids=["plain", "dare"])
+def test_small_abs_histogram(backend, dare):
+    g, tau, base, inputs, L = _small_case(nonfinite=True)
+    keys = dare_keys(g, 3, L) if dare else None
+    _histograms(backend, inputs, base, 3, 0.3 if dare else 0.0, keys, True,
+                torch.zeros(3, HIGH_BINS, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dare", [False, True], ids=["plain", "dare"])
+def test_small_abs_bracket(backend, dare):
+    g, tau, base, inputs, L = _small_case(nonfinite=True)
+    keys = dare_keys(g, 3, L) if dare else None
+    lo, hi = bracket_bounds(_taus_f32(inputs, base), 3, ["mid", "equal", "all"])
+    _bracket(backend, inputs, base, 3, lo, hi, [1 << 14, 100], 0.3 if dare else 0.0, keys, True)
+
+
+def test_small_weighted_merge(backend):
+    g, tau, base, inputs, L = _small_case(nonfinite=True)
+    _weighted(backend, inputs, base, 3, torch.randn(3, L, generator=g), 0.5, thresholds_from(g, tau, 3, L), True,
+              _masks(g, tau, "packed"), 0.2, dare_keys(g, 3, L), True, False)
+
+
+def test_small_ties_merge(backend):
+    g, tau, base, inputs, L = _small_case(cancel=True)
+    thr = thresholds_from(g, tau, 3, L)
+    _ties(backend, inputs, base, 3, thr, False, torch.ones(3, L), "sum", 0.5, torch.tensor([1, -1, 0, 1, -1]), 0.3,
+          dare_keys(g, 3, L), True, False, 50)
+
+
+def test_small_consensus_merge(backend):
+    g, tau, base, inputs, L = _small_case(dtype=torch.float16, quant=2.0, nonfinite=True)
+    _consensus(backend, inputs, base, 3, torch.tensor([0.2, 0.5, 1.0]), [], 2, 1.0, True, False)
 
 
 # ----------------------------------------------------------------------------------------------------

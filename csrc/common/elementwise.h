@@ -103,10 +103,18 @@ struct DareParams {
   float inv_keep = 1.f;   // 1/(1-p) when rescaling, else 1
 };
 
+// DARE of one element given its 32-bit Philox word (word index & 3 of the block of counter index >> 2):
+// the single formula behind dare_apply, the CPU tile loop (one block per 4 elements) and the CUDA
+// kernels (dare_words4 in cuda/dare.cuh).
+CF_HD float dare_apply_word(float v, const DareParams& d, uint32_t word) {
+  if (d.p <= 0.f) return v;
+  return (word_to_uniform(word) >= d.p) ? v * d.inv_keep : 0.f;
+}
+
 CF_HD float dare_apply(float v, const DareParams& d, uint64_t key, int64_t index) {
   if (d.p <= 0.f) return v;
-  const float u = philox_uniform(static_cast<uint64_t>(index), key);
-  return (u >= d.p) ? v * d.inv_keep : 0.f;
+  const uint64_t i = static_cast<uint64_t>(index);
+  return dare_apply_word(v, d, philox4x32_10(i >> 2, key).w[i & 3]);
 }
 
 // tau of one element: the input itself, or input - base (fp32) when the inputs are fine-tuned weights.

@@ -2,7 +2,10 @@
 // merge op (one copy of each check, so both backends reject the same inputs with the same message).
 #pragma once
 
-#include <ATen/ATen.h>
+// The minimal ATen headers (not <ATen/ATen.h>, which declares every op: slower compiles, nvcc above all).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 
 #include <string>
 #include <vector>

@@ -1,8 +1,10 @@
 // Helpers shared by the CPU kernels: dtype dispatch, work splitting, per-thread reductions.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <vector>
@@ -83,7 +85,8 @@ inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i
       words[4 * b + 2] = r.w[2];
       words[4 * b + 3] = r.w[3];
     }
-    for (int64_t j = 0; j < n; ++j) dst[j] = (word_to_uniform(words[j]) >= d.p) ? dst[j] * d.inv_keep : 0.f;
+    const DareParams dd = d;  // a local copy: no aliasing with dst, so the loop vectorises
+    for (int64_t j = 0; j < n; ++j) dst[j] = dare_apply_word(dst[j], dd, words[j]);
   }
   return nonfinite;
 }

@@ -5,6 +5,8 @@
 // tiles of 1024 elements held as fp32 structure-of-arrays rows (one row per task), so every inner loop
 // is a straight loop over j that the compiler vectorises.  The arithmetic is the same, in the same
 // order, as the per-element functions in common/elementwise.h that the CUDA kernels call.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -6,6 +6,7 @@
 // the exact k-th smallest |tau| (bit-identical to torch.kthvalue on the concatenation) without ever
 // concatenating, sorting or copying the model; histograms add, so the same op serves resident,
 // streaming (tensor by tensor) and distributed (all-reduce) selection.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstring>

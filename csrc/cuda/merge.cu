@@ -28,12 +28,13 @@
 // e.g. T = 8 bf16 with base: 18 B read + 2 B written = 20 B per element; at ~3 TB/s of achievable
 // HBM3 bandwidth (H100 SXM) that is ~150 G elements/s.  Everything else is O(1) per chunk (table
 // entries, per-(t, l) parameters) or O(grid) (atomics).  DARE adds one Philox-4x32-10 block per 4
-// task elements (dare_words4: ~100 integer ops per block + a 4-shuffle transpose), an estimated
+// task elements (dare_words4 in cuda/dare.cuh: ~100 integer ops per block + a 4-shuffle transpose), an estimated
 // ~0.5e12 task elements/s on an H100: bf16 DARE merges are compute-bound at roughly half the
 // bandwidth bound above, fp32 ones near it.  ties_merge of up to 16 tasks stages the trimmed values
 // in shared memory (ties_element reads each twice); of more tasks it recomputes them from L1/L2.
 #include "cuda/cuda_compat.cuh"
 #include "cuda/block_ops.cuh"
+#include "cuda/dare.cuh"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -94,52 +95,6 @@ struct Table {
   const int64_t* offset;  // [L] flat index of tensor l's element 0
   const int64_t* start;   // [L+1] first chunk of tensor l (exclusive prefix sum of chunk counts)
 };
-
-// ---- DARE with one Philox block per 4 elements ----------------------------------------------------
-// philox_uniform(i, key) is word i & 3 of the Philox-4x32-10 block of counter i >> 2.  In every kernel
-// here a thread's elements are idx[j] = row_j + lane with row_j a multiple of 32, so the 4 lanes
-// 4q..4q+3 of a row share one block.  dare_words4 lets each lane compute ONE block (row lane & 3 of
-// its group of 4 rows) and hands every lane its word of each row by a 4x4 transpose over 4 shuffles:
-// 4x fewer Philox rounds than dare_apply per element, the very same words.  Called by all 32 lanes.
-__device__ __forceinline__ void rotate4(uint32_t w[4], unsigned r) {  // w[k] <- w[(k + r) & 3]
-  if (r & 1u) {
-    const uint32_t t = w[0];
-    w[0] = w[1];
-    w[1] = w[2];
-    w[2] = w[3];
-    w[3] = t;
-  }
-  if (r & 2u) {
-    uint32_t t = w[0];
-    w[0] = w[2];
-    w[2] = t;
-    t = w[1];
-    w[1] = w[3];
-    w[3] = t;
-  }
-}
-
-__device__ __forceinline__ void dare_words4(const int64_t* idx, uint64_t key, uint32_t* word) {
-  const unsigned lane = threadIdx.x & 31u, r = lane & 3u;
-  const int64_t mine = r == 0u ? idx[0] : r == 1u ? idx[1] : r == 2u ? idx[2] : idx[3];
-  const Philox4 b = philox4x32_10(static_cast<uint64_t>(mine) >> 2, key);
-  uint32_t w[4] = {b.w[0], b.w[1], b.w[2], b.w[3]};
-  rotate4(w, r);  // lane r sends w[(r - s) & 3] in round s: a compile-time slot after the rotation
-  uint32_t got[4];
-#pragma unroll
-  for (int s = 0; s < 4; ++s) {
-    got[s] = __shfl_sync(0xffffffffu, w[(4 - s) & 3], static_cast<int>((lane & ~3u) | ((r + s) & 3u)));
-  }
-  rotate4(got, (4u - r) & 3u);  // round s brought row (r + s) & 3
-#pragma unroll
-  for (int j = 0; j < 4; ++j) word[j] = got[j];
-}
-
-// dare_apply(v, d, key, i) given the word of element i (same formula, see common/elementwise.h).
-__device__ __forceinline__ float dare_apply_word(float v, const DareParams& d, uint32_t word) {
-  if (d.p <= 0.f) return v;
-  return (word_to_uniform(word) >= d.p) ? v * d.inv_keep : 0.f;
-}
 
 struct Chunk {
   int64_t l, begin, end;
