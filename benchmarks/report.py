@@ -188,13 +188,13 @@ def run(args) -> dict:
     # --- references (plain torch pipelines), possibly at a smaller size
     ref_n = min(N, args.ref_n) if args.ref_n else N
     ref_n_note = ref_n if ref_n != N else None
-    rxs = xs if ref_n == N else make_task_vectors(T, ref_n, dtype, device)[0]
+    rxs = list(xs) if ref_n == N else make_task_vectors(T, ref_n, dtype, device)[0]
     rsizes = [x.numel() for x in rxs[:L]]
     rk = selection.topk_fraction_to_k(ref_n, 0.2)
     names = [f"p{i}" for i in range(L)]
     zero_sd = {nm: torch.zeros(s, dtype=dtype, device=device) for nm, s in zip(names, rsizes)}
     tvs = [{nm: rxs[t * L + l] for l, nm in enumerate(names)} for t in range(T)]
-    del xs
+    xs.clear()  # free the full-size inputs before the references run
     gc.collect()
 
     def ref_kth():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import calm_fast
-from calm_fast import ops, reference, selection
+from calm_fast import reference, selection
 
 N = int(os.environ.get("CALM_FAST_BENCH_N", 4_000_000))
 T = int(os.environ.get("CALM_FAST_BENCH_T", 8))

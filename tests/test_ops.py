@@ -125,7 +125,7 @@ def test_ties_cancellations_recorded_and_capped(gen):
 @pytest.mark.parametrize("given_mtl", [False, True])
 @pytest.mark.parametrize("min_count", [0, 2, 5])
 def test_consensus_merge_matches_reference(gen, dtype, sizes, with_base, given_mtl, min_count):
-    T, L = 4, len(sizes)
+    T = 4
     inputs, base = _case(gen, T, sizes, dtype, with_base)
     lam = torch.tensor([0.2, 0.4, 0.6, 0.5])
     mtl = [torch.randn(n, generator=gen) for n in sizes] if given_mtl else []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -201,6 +201,3 @@ def check_fraction(name: str, value: float, lo_open: bool, method: str) -> float
         raise ValueError(f"{method}: {name} must be in {'(0, 1]' if lo_open else '[0, 1]'}, got {value}")
     return value
 
-
-def iter_groups(prep: Prepared) -> Iterable[List[int]]:
-    return prep.groups

@@ -1,7 +1,7 @@
 """Task arithmetic (ALGORITHMS.md §1): θ = θ0 + λ Σ_t w_t τ_t, one fused pass."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
