@@ -8,7 +8,10 @@
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "common/elementwise.h"
 
 namespace calm_fast {
 
@@ -118,6 +121,58 @@ inline int ties_merge_code(const char* op, const std::string& merge) {
 
 // Packed masks: one uint8 per 8 elements, element i is bit (i % 8) of byte i / 8 (little-endian bits).
 inline int64_t packed_bytes(int64_t n) { return (n + 7) / 8; }
+
+// abs_histogram_'s accumulator: int64 [T, bins] (bins by level), contiguous, on the inputs' device.
+inline void check_histogram(const char* op, const at::Tensor& hist, const TaskList& tl, int64_t num_tasks,
+                            bool level1) {
+  const int64_t bins = level1 ? kHistLowBins : kHistHighBins;
+  TORCH_CHECK(hist.scalar_type() == at::kLong && hist.dim() == 2 && hist.size(0) == num_tasks &&
+                  hist.size(1) == bins && hist.is_contiguous(),
+              op, ": hist must be a contiguous int64 tensor of shape [", num_tasks, ", ", bins, "], got ",
+              hist.scalar_type(), " ", hist.sizes());
+  TORCH_CHECK(tl.L == 0 || hist.device() == tl.device, op, ": hist is on ", hist.device(),
+              " but the inputs are on ", tl.device, " (hist must be on the inputs' device)");
+}
+
+// abs_bracket's bounds: float32 [T] each, 0 <= lo <= hi.  Returns host (CPU) copies of (lo, hi): the
+// checks need the values, and the kernels need their keys (T floats; a sync on a GPU).
+inline std::pair<at::Tensor, at::Tensor> check_bracket(const char* op, const at::Tensor& lo, const at::Tensor& hi,
+                                                       int64_t capacity, int64_t num_tasks, const TaskList& tl) {
+  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
+  const at::Tensor lo_h = check_vector(op, "lo", lo, num_tasks, at::kFloat, tl).to(at::kCPU);
+  const at::Tensor hi_h = check_vector(op, "hi", hi, num_tasks, at::kFloat, tl).to(at::kCPU);
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    const float a = lo_h.data_ptr<float>()[t], b = hi_h.data_ptr<float>()[t];
+    TORCH_CHECK(a >= 0.f && b >= a, op, ": need 0 <= lo <= hi, got lo[", t, "]=", a, " hi[", t, "]=", b);
+  }
+  return {lo_h, hi_h};
+}
+
+// consensus_merge's extra arguments: tall_lambdas float32 [T] (returned contiguous), mtl empty or L
+// contiguous float32 tensors matching the inputs, min_count >= 0.
+inline at::Tensor check_consensus(const char* op, const at::Tensor& tall_lambdas, at::TensorList mtl,
+                                  int64_t min_count, const TaskList& tl) {
+  const at::Tensor lam = check_vector(op, "tall_lambdas", tall_lambdas, tl.T, at::kFloat, tl);
+  TORCH_CHECK(mtl.empty() || static_cast<int64_t>(mtl.size()) == tl.L, op, ": mtl must be empty or hold L=", tl.L,
+              " tensors, got ", mtl.size());
+  for (size_t l = 0; l < mtl.size(); ++l) {
+    TORCH_CHECK(mtl[l].scalar_type() == at::kFloat && mtl[l].is_contiguous() && mtl[l].device() == tl.device &&
+                    mtl[l].numel() == tl.numel[l],
+                op, ": mtl[", l, "] must be a contiguous float32 tensor with ", tl.numel[l], " elements on ", tl.device);
+  }
+  TORCH_CHECK(min_count >= 0, op, ": min_count must be >= 0, got ", min_count);
+  return lam;
+}
+
+// consensus_merge's optional bit-packed masks: T*L uint8 tensors of packed_bytes(numel) (empty if not asked).
+inline std::vector<at::Tensor> alloc_packed_masks(at::TensorList inputs, const TaskList& tl, bool wanted) {
+  std::vector<at::Tensor> masks;
+  if (wanted) {
+    for (int64_t i = 0; i < tl.T * tl.L; ++i)
+      masks.push_back(at::empty({packed_bytes(tl.numel[i % tl.L])}, inputs[0].options().dtype(at::kByte)));
+  }
+  return masks;
+}
 
 // Explicit masks for weighted_merge: empty, or T*L tensors, all bool (one per element, same shape as
 // the input) or all uint8 packed (packed_bytes(numel) bytes).  Returns 0 = none, 1 = bool, 2 = packed.

@@ -348,21 +348,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> consens
     at::TensorList mtl, int64_t min_count, double alpha, bool return_masks, bool out_float) {
   constexpr const char* op = "calm_fast.consensus_merge";
   const TaskList tl = check_task_list(op, inputs, base, num_tasks);
-  const at::Tensor lam = check_vector(op, "tall_lambdas", tall_lambdas, tl.T, at::kFloat, tl);
-  TORCH_CHECK(mtl.empty() || static_cast<int64_t>(mtl.size()) == tl.L, op, ": mtl must be empty or hold L=", tl.L,
-              " tensors, got ", mtl.size());
-  for (size_t l = 0; l < mtl.size(); ++l) {
-    TORCH_CHECK(mtl[l].scalar_type() == at::kFloat && mtl[l].is_contiguous() && mtl[l].device() == tl.device &&
-                    mtl[l].numel() == tl.numel[l],
-                op, ": mtl[", l, "] must be a contiguous float32 tensor with ", tl.numel[l], " elements on ", tl.device);
-  }
-  TORCH_CHECK(min_count >= 0, op, ": min_count must be >= 0, got ", min_count);
+  const at::Tensor lam = check_consensus(op, tall_lambdas, mtl, min_count, tl);
   std::vector<at::Tensor> out = alloc_outputs(inputs, tl, out_float);
-  std::vector<at::Tensor> masks;
-  if (return_masks) {
-    for (int64_t i = 0; i < tl.T * tl.L; ++i)
-      masks.push_back(at::empty({packed_bytes(tl.numel[i % tl.L])}, inputs[0].options().dtype(at::kByte)));
-  }
+  std::vector<at::Tensor> masks = alloc_packed_masks(inputs, tl, return_masks);
   int64_t nonfinite = 0;
   if (tl.L > 0) {
     CF_DISPATCH_FLOAT(tl.dtype, [&] {

@@ -80,12 +80,7 @@ void abs_histogram_cpu(at::Tensor& hist, at::TensorList inputs, at::TensorList b
                        const c10::optional<at::Tensor>& dare_keys, bool dare_rescale) {
   constexpr const char* op = "calm_fast.abs_histogram_";
   const TaskList tl = check_task_list(op, inputs, base, num_tasks);
-  const int64_t bins = prefix.has_value() ? kHistLowBins : kHistHighBins;
-  TORCH_CHECK(hist.scalar_type() == at::kLong && hist.dim() == 2 && hist.size(0) == num_tasks &&
-                  hist.size(1) == bins && hist.is_contiguous(),
-              op, ": hist must be a contiguous int64 tensor of shape [", num_tasks, ", ", bins, "], got ",
-              hist.scalar_type(), " ", hist.sizes());
-  TORCH_CHECK(hist.device().is_cpu(), op, ": hist must be on the CPU for CPU inputs");
+  check_histogram(op, hist, tl, num_tasks, prefix.has_value());
   check_dare(op, dare_p, dare_keys, tl);
   if (tl.L == 0) return;
   at::Tensor pre;
@@ -186,13 +181,9 @@ std::tuple<at::Tensor, at::Tensor> abs_bracket_cpu(at::TensorList inputs, at::Te
                                                    bool dare_rescale) {
   constexpr const char* op = "calm_fast.abs_bracket";
   const TaskList tl = check_task_list(op, inputs, base, num_tasks);
-  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
-  const at::Tensor lo_c = check_vector(op, "lo", lo, num_tasks, at::kFloat, tl);
-  const at::Tensor hi_c = check_vector(op, "hi", hi, num_tasks, at::kFloat, tl);
-  for (int64_t t = 0; t < num_tasks; ++t) {
-    const float a = lo_c.data_ptr<float>()[t], b = hi_c.data_ptr<float>()[t];
-    TORCH_CHECK(a >= 0.f && b >= a, op, ": need 0 <= lo <= hi, got lo[", t, "]=", a, " hi[", t, "]=", b);
-  }
+  const std::pair<at::Tensor, at::Tensor> bounds = check_bracket(op, lo, hi, capacity, num_tasks, tl);
+  const at::Tensor& lo_c = bounds.first;
+  const at::Tensor& hi_c = bounds.second;
   check_dare(op, dare_p, dare_keys, tl);
   BracketState st;
   st.counts.assign(static_cast<size_t>(num_tasks * 4), 0);

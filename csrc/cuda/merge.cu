@@ -35,9 +35,9 @@
 #include "cuda/cuda_compat.cuh"
 #include "cuda/block_ops.cuh"
 #include "cuda/dare.cuh"
+#include "cuda/device_table.cuh"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -448,10 +448,7 @@ inline DeviceTable make_table(const TaskList& tl, at::TensorList inputs, at::Ten
   }
   DeviceTable t;
   t.chunks = p_start[L];
-  const at::Tensor host = at::from_blob(h.data(), {static_cast<int64_t>(h.size())}, at::kLong);
-  // From pageable memory the copy has staged `h` when it returns, so `h` may die with this call.
-  t.dev = host.to(at::TensorOptions().device(tl.device), /*non_blocking=*/true);
-  if (t.dev.data_ptr() == host.data_ptr()) t.dev = host.clone();  // emulator: keep it beyond `h`
+  t.dev = upload_table(h, tl.device);
   const int64_t* d = t.dev.data_ptr<int64_t>();
   t.tab.in = d;
   t.tab.base = d + T * L;
@@ -591,21 +588,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> consens
     at::TensorList mtl, int64_t min_count, double alpha, bool return_masks, bool out_float) {
   constexpr const char* op = "calm_fast.consensus_merge";
   const TaskList tl = check_task_list(op, inputs, base, num_tasks);
-  const at::Tensor lam = check_vector(op, "tall_lambdas", tall_lambdas, tl.T, at::kFloat, tl);
-  TORCH_CHECK(mtl.empty() || static_cast<int64_t>(mtl.size()) == tl.L, op, ": mtl must be empty or hold L=", tl.L,
-              " tensors, got ", mtl.size());
-  for (size_t l = 0; l < mtl.size(); ++l) {
-    TORCH_CHECK(mtl[l].scalar_type() == at::kFloat && mtl[l].is_contiguous() && mtl[l].device() == tl.device &&
-                    mtl[l].numel() == tl.numel[l],
-                op, ": mtl[", l, "] must be a contiguous float32 tensor with ", tl.numel[l], " elements on ", tl.device);
-  }
-  TORCH_CHECK(min_count >= 0, op, ": min_count must be >= 0, got ", min_count);
+  const at::Tensor lam = check_consensus(op, tall_lambdas, mtl, min_count, tl);
   std::vector<at::Tensor> out = alloc_outputs(inputs, tl, out_float);
-  std::vector<at::Tensor> masks;
-  if (return_masks) {
-    for (int64_t i = 0; i < tl.T * tl.L; ++i)
-      masks.push_back(at::empty({packed_bytes(tl.numel[i % tl.L])}, inputs[0].options().dtype(at::kByte)));
-  }
+  std::vector<at::Tensor> masks = alloc_packed_masks(inputs, tl, return_masks);
   const at::Device dev = tl.L > 0 ? tl.device : tall_lambdas.device();
   at::Tensor nonfinite = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(dev));
   if (tl.L == 0) return {out, masks, nonfinite};

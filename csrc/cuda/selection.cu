@@ -55,8 +55,8 @@
 #include "cuda/cuda_compat.cuh"
 #include "cuda/block_ops.cuh"
 #include "cuda/dare.cuh"
+#include "cuda/device_table.cuh"
 
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -404,10 +404,7 @@ inline DeviceTable make_table(const TaskList& tl, at::TensorList inputs, at::Ten
   DeviceTable t;
   t.chunks = h_start[L];
   if (t.chunks == 0) return t;
-  const at::Tensor host = at::from_blob(h.data(), {static_cast<int64_t>(h.size())}, at::kLong);
-  // From pageable memory: the copy has staged `h` when it returns, so `h` may die with this call.
-  t.dev = host.to(at::TensorOptions().device(tl.device), /*non_blocking=*/true);
-  if (t.dev.data_ptr() == host.data_ptr()) t.dev = host.clone();  // emulator: keep it beyond `h`
+  t.dev = upload_table(h, tl.device);
   const int64_t* d = t.dev.data_ptr<int64_t>();
   t.tab.in = d;
   t.tab.base = d + T * L;
@@ -423,13 +420,7 @@ void abs_histogram_cuda(at::Tensor& hist, at::TensorList inputs, at::TensorList 
                         const c10::optional<at::Tensor>& dare_keys, bool dare_rescale) {
   constexpr const char* op = "calm_fast.abs_histogram_";
   const TaskList tl = check_task_list(op, inputs, base, num_tasks);
-  const int64_t bins = prefix.has_value() ? kHistLowBins : kHistHighBins;
-  TORCH_CHECK(hist.scalar_type() == at::kLong && hist.dim() == 2 && hist.size(0) == num_tasks &&
-                  hist.size(1) == bins && hist.is_contiguous(),
-              op, ": hist must be a contiguous int64 tensor of shape [", num_tasks, ", ", bins, "], got ",
-              hist.scalar_type(), " ", hist.sizes());
-  TORCH_CHECK(tl.L == 0 || hist.device() == tl.device, op, ": hist is on ", hist.device(),
-              " but the inputs are on ", tl.device, " (hist must be on the inputs' device)");
+  check_histogram(op, hist, tl, num_tasks, prefix.has_value());
   check_dare(op, dare_p, dare_keys, tl);
   if (tl.L == 0) return;
   // Level 1: the tasks to refine and their buckets, known on the host (a T-element copy).
@@ -485,17 +476,12 @@ std::tuple<at::Tensor, at::Tensor> abs_bracket_cuda(at::TensorList inputs, at::T
                                                     bool dare_rescale) {
   constexpr const char* op = "calm_fast.abs_bracket";
   const TaskList tl = check_task_list(op, inputs, base, num_tasks);
-  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0");
-  const at::Tensor lo_c = check_vector(op, "lo", lo, num_tasks, at::kFloat, tl);
-  const at::Tensor hi_c = check_vector(op, "hi", hi, num_tasks, at::kFloat, tl);
-  // Host copies of lo and hi (T floats each, a sync on a GPU): the same checks as the CPU op, and the keys.
-  const at::Tensor lo_h = lo_c.to(at::kCPU), hi_h = hi_c.to(at::kCPU);
+  // Host copies of lo and hi (T floats each, a sync on a GPU): the checks and the keys.
+  const std::pair<at::Tensor, at::Tensor> bounds = check_bracket(op, lo, hi, capacity, num_tasks, tl);
   std::vector<int64_t> klo(static_cast<size_t>(num_tasks)), khi(static_cast<size_t>(num_tasks));
   for (int64_t t = 0; t < num_tasks; ++t) {
-    const float a = lo_h.data_ptr<float>()[t], b = hi_h.data_ptr<float>()[t];
-    TORCH_CHECK(a >= 0.f && b >= a, op, ": need 0 <= lo <= hi, got lo[", t, "]=", a, " hi[", t, "]=", b);
-    klo[t] = abs_key(a);
-    khi[t] = abs_key(b);
+    klo[t] = abs_key(bounds.first.data_ptr<float>()[t]);
+    khi[t] = abs_key(bounds.second.data_ptr<float>()[t]);
   }
   check_dare(op, dare_p, dare_keys, tl);
   const at::Device dev = tl.L > 0 ? tl.device : lo.device();
