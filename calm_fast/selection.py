@@ -209,6 +209,16 @@ def bracket_bounds(samples: Sequence[Tensor], ks: Sequence[int], n: int, todo: T
     return lo, hi, width
 
 
+def _kth_key(pool: Tensor, rank: int) -> float:
+    """The rank-th (1-indexed) smallest of non-negative fp32 magnitudes, ordered by their bit patterns
+    (the selection's key order, which also orders NaN payloads): NumPy's introselect on an int32 view,
+    ~10x faster than ``torch.kthvalue`` on a ~1M-element pool."""
+    import numpy as np
+
+    keys = pool.detach().cpu().contiguous().numpy().view(np.int32)
+    return float(np.partition(keys, rank - 1)[rank - 1:rank].view(np.float32)[0])
+
+
 def resolve_bracket(counts: Tensor, candidates: Sequence[Optional[Tensor]], ks: Sequence[int], todo: Tensor,
                     lo: Tensor, hi: Tensor, result: Tensor) -> Tensor:
     """Pin each task's k-th |tau| from the abs_bracket counts; writes ``result`` and returns the mask of
@@ -225,7 +235,7 @@ def resolve_bracket(counts: Tensor, candidates: Sequence[Optional[Tensor]], ks: 
         elif below + at_lo < k <= below + at_lo + inside:
             pool = candidates[t]
             if pool is not None and pool.numel() == inside:  # the full set: select exactly among it
-                result[t] = torch.kthvalue(pool, k - below - at_lo).values
+                result[t] = _kth_key(pool, k - below - at_lo)
                 still[t] = False
         elif below + at_lo + inside < k <= below + at_lo + inside + at_hi:
             result[t], still[t] = hi[t], False
@@ -248,7 +258,7 @@ def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, d
         for t in range(T):
             cands[t].append(cand[t, :min(int(c[t, 2]), capacity)])
         counts += c
-    pools = [torch.cat(c) if c else torch.zeros(0) for c in cands]
+    pools = [c[0] if len(c) == 1 else torch.cat(c) if c else torch.zeros(0) for c in cands]
     return result, resolve_bracket(counts, pools, k.tolist(), todo, lo, hi, result)
 
 

@@ -15,6 +15,7 @@
 
 #include "common/py_module.h"
 #include "common/schemas.h"
+#include "cpu/simd_avx2.h"
 
 namespace calm_fast {
 
@@ -25,6 +26,11 @@ static std::string build_info() {
   s += "; cuda kernels: yes";
 #else
   s += "; cuda kernels: no";
+#endif
+#if defined(CALM_FAST_HAVE_AVX2)
+  s += "; cpu vector cores: avx2";
+#else
+  s += "; cpu vector cores: none (generic loops)";
 #endif
   return s;
 }

@@ -7,9 +7,14 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common/elementwise.h"
 
@@ -102,11 +107,28 @@ inline void check_dare(const char* op, double p, const c10::optional<at::Tensor>
 inline at::ScalarType out_dtype(const TaskList& tl, bool out_float) { return out_float ? at::kFloat : tl.dtype; }
 
 // Outputs shaped like tensor l of task 0 (or the base), on the inputs' device.
+// A fresh large CPU buffer is first touched by the kernel that fills it, one page fault per 4 KiB page:
+// on a VM that costs as much as the merge itself (measured: 0.10 s vs 0.03 s to allocate and fill
+// 352 MB).  Asking Linux for transparent huge pages on its 2 MiB-aligned interior cuts the faults
+// 512x.  A hint only: a no-op where THP is disabled, for CUDA tensors, or for memory already mapped.
+inline void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (!t.device().is_cpu() || t.nbytes() < 4 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 inline std::vector<at::Tensor> alloc_outputs(at::TensorList inputs, const TaskList& tl, bool out_float) {
   std::vector<at::Tensor> out;
   out.reserve(tl.L);
   for (int64_t l = 0; l < tl.L; ++l) {
     out.push_back(at::empty(inputs[l].sizes(), inputs[l].options().dtype(out_dtype(tl, out_float))));
+    advise_huge_pages(out.back());
   }
   return out;
 }

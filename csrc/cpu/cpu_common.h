@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/elementwise.h"
@@ -89,6 +90,48 @@ inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i
     for (int64_t j = 0; j < n; ++j) dst[j] = dare_apply_word(dst[j], dd, words[j]);
   }
   return nonfinite;
+}
+
+// Whether a task-major list can be read in place as fp32 tau rows: fp32 task vectors without DARE
+// (anything else is first converted into a tile by load_tau_tile).
+template <typename scalar_t>
+inline bool rows_in_place(bool has_base, const DareParams& d) {
+  return std::is_same<scalar_t, float>::value && !has_base && d.p <= 0.f;
+}
+
+// Points src[t] at task t's fp32 tau for tile [i0, i0 + n) of tensor l: the input itself when
+// `in_place`, else row t of `rows` (T x kTile) filled by load_tau_tile.  Returns the non-finite count
+// load_tau_tile saw (0 in place: the caller's vector loop counts those).
+template <typename scalar_t>
+inline int64_t tau_rows(const std::vector<const scalar_t*>& in, const scalar_t* base, const TaskList& tl, int64_t l,
+                        int64_t i0, int64_t n, const DareParams& d, const int64_t* keys, bool in_place, float* rows,
+                        const float** src) {
+  int64_t nonfinite = 0;
+  for (int64_t t = 0; t < tl.T; ++t) {
+    const int64_t ti = t * tl.L + l;
+    if (in_place) {
+      src[t] = reinterpret_cast<const float*>(in[ti]) + i0;
+      continue;
+    }
+    float* r = rows + t * kTile;
+    nonfinite += load_tau_tile(in[ti], base, i0, n, d, keys != nullptr ? static_cast<uint64_t>(keys[ti]) : 0u, r);
+    src[t] = r;
+  }
+  return nonfinite;
+}
+
+// The base of tile [i0, i0 + n) as fp32: in place for fp32, else converted into `buf`; null without a base.
+template <typename scalar_t>
+inline const float* base_row(const scalar_t* base, int64_t i0, int64_t n, float* buf) {
+  if (base == nullptr) return nullptr;
+  if (std::is_same<scalar_t, float>::value) return reinterpret_cast<const float*>(base) + i0;
+  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(base[i0 + j]);
+  return buf;
+}
+
+// Column l of a [T, L] table as T contiguous values.
+inline void table_column(const float* table, const TaskList& tl, int64_t l, float* dst) {
+  for (int64_t t = 0; t < tl.T; ++t) dst[t] = table[t * tl.L + l];
 }
 
 template <typename out_t>

@@ -13,6 +13,7 @@
 #include <mutex>
 
 #include "cpu/cpu_common.h"
+#include "cpu/simd_avx2.h"
 
 namespace calm_fast {
 namespace cpu {
@@ -40,14 +41,46 @@ int64_t weighted_impl(at::TensorList inputs, at::TensorList base, const TaskList
   std::vector<out_t*> out_ptr(tl.L);
   for (int64_t l = 0; l < tl.L; ++l) out_ptr[l] = out[l].data_ptr<out_t>();
   const std::vector<Unit> units = make_units(tl);
+  const bool fast = simd_enabled() && mask_kind == 0;
+  const bool in_place = rows_in_place<scalar_t>(tl.has_base, dare);
   Reductions red;
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     alignas(64) float acc[kTile];
     alignas(64) float tau[kTile];
     int64_t nonfinite = 0;
+    std::vector<float> rows(fast && !in_place ? tl.T * kTile : 0), wcol(tl.T), tcol(tl.T);
+    std::vector<const float*> src(tl.T);
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& w = units[u];
       const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
+#if defined(CALM_FAST_HAVE_AVX2)
+      if (fast) {
+        table_column(weights, tl, w.l, wcol.data());
+        if (thresholds != nullptr) table_column(thresholds, tl, w.l, tcol.data());
+        const float* thr = thresholds != nullptr ? tcol.data() : nullptr;
+        for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+          const int64_t n = std::min(kTile, w.end - i0);
+          nonfinite += tau_rows(in_ptr, bs, tl, w.l, i0, n, dare, keys, in_place, rows.data(), src.data());
+          const float* brow = base_row(bs, i0, n, tau);
+          float* dst = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(out_ptr[w.l]) + i0 : acc;
+          const int64_t done = n & ~int64_t{7};
+          avx2::weighted_row(src.data(), static_cast<int>(tl.T), done, wcol.data(), thr, strict, scale, brow, dst,
+                             in_place ? &nonfinite : nullptr);
+          for (int64_t j = done; j < n; ++j) {  // tail of the tensor: the generic formula per element
+            float a = 0.f;
+            for (int64_t t = 0; t < tl.T; ++t) {
+              float v = src[t][j];
+              if (in_place) nonfinite += is_nonfinite(v);
+              if (thr != nullptr) v = trim_keep(v, thr[t], strict) ? v : 0.f;
+              a += wcol[t] * v;
+            }
+            dst[j] = brow != nullptr ? brow[j] + scale * a : scale * a;
+          }
+          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, acc);
+        }
+        continue;
+      }
+#endif
       for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
         const int64_t n = std::min(kTile, w.end - i0);
         for (int64_t j = 0; j < n; ++j) acc[j] = 0.f;
@@ -138,6 +171,8 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
   red.sign_sum.assign(tl.L, 0);
   red.cancel_count.assign(tl.L, 0);
 
+  const bool fast = simd_enabled();
+  const bool in_place = rows_in_place<scalar_t>(tl.has_base, dare);
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> vals(static_cast<size_t>(tl.T * kTile));  // trimmed, weighted tau: row t = task t
     // Branch-free SoA tiles: the elected sign is kept as a float (+1, -1, or 0), counts as floats (exact
@@ -147,10 +182,58 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
     std::vector<int64_t> sign_sum(tl.L, 0), cancel_count(tl.L, 0), positions;
     std::vector<float> patch;
     int64_t nonfinite = 0;
+    std::vector<float> tcol(tl.T), wcol(tl.T), scratch(static_cast<size_t>(tl.T * 8));
+    std::vector<const float*> src(tl.T);
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& w = units[u];
       const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
       const float zs = static_cast<float>(zero_sign[w.l]);
+#if defined(CALM_FAST_HAVE_AVX2)
+      if (fast) {
+        table_column(thresholds, tl, w.l, tcol.data());
+        table_column(weights, tl, w.l, wcol.data());
+        const int T = static_cast<int>(tl.T);
+        for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+          const int64_t n = std::min(kTile, w.end - i0);
+          nonfinite += tau_rows(in_ptr, bs, tl, w.l, i0, n, dare, keys, in_place, vals.data(), src.data());
+          const float* brow = base_row(bs, i0, n, acc);
+          float* dst = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(out_ptr[w.l]) + i0 : res;
+          auto trimmed = [&](int64_t j) {
+            return [&, j](int t) {
+              const float v = src[t][j];
+              return trim_keep(v, tcol[t], strict) ? v * wcol[t] : 0.f;
+            };
+          };
+          // An exact cancellation (rare): record the output for every possible zero sign.
+          auto record = [&](int64_t j) {
+            cancel_count[w.l] += 1;
+            if (static_cast<int64_t>(positions.size()) >= max_positions) return;
+            positions.push_back(tl.offset[w.l] + i0 + j);
+            for (float zsign : {1.f, -1.f, 0.f}) {
+              int g_unused;
+              bool c_unused;
+              const float r = ties_element(trimmed(j), T, merge, zsign, g_unused, c_unused);
+              patch.push_back(brow != nullptr ? brow[j] + scale * r : scale * r);
+            }
+          };
+          const int64_t done = n & ~int64_t{7};
+          sign_sum[w.l] += avx2::ties_row(src.data(), T, done, tcol.data(), wcol.data(), strict, merge, scale, zs,
+                                          brow, dst, in_place ? &nonfinite : nullptr, scratch.data(), record);
+          for (int64_t j = done; j < n; ++j) {  // tail of the tensor: ties_element per element
+            if (in_place)
+              for (int t = 0; t < T; ++t) nonfinite += is_nonfinite(src[t][j]);
+            int gamma;
+            bool cancelled;
+            const float r = ties_element(trimmed(j), T, merge, zs, gamma, cancelled);
+            sign_sum[w.l] += gamma;
+            dst[j] = brow != nullptr ? brow[j] + scale * r : scale * r;
+            if (cancelled) record(j);
+          }
+          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, res);
+        }
+        continue;
+      }
+#endif
       for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
         const int64_t n = std::min(kTile, w.end - i0);
         // Trim + weight, and the elected sign's sum (t ascending from 0, as ties_element).

@@ -9,10 +9,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <mutex>
+#include <type_traits>
 
 #include "cpu/cpu_common.h"
+#include "cpu/simd_avx2.h"
 
 namespace calm_fast {
 namespace cpu {
@@ -101,77 +105,104 @@ void abs_histogram_cpu(at::Tensor& hist, at::TensorList inputs, at::TensorList b
 // --------------------------------------------------------------------------------------------------
 // abs_bracket: one pass that pins the k-th |tau| between two sampled bounds (see schemas.h).  Only
 // vectorised compares and counts on the hot path; the few elements strictly inside the bracket are
-// copied out for an exact selection among them.
+// packed out for an exact selection among them.
 // --------------------------------------------------------------------------------------------------
 struct BracketState {
   std::mutex mutex;
-  std::vector<int64_t> counts;                 // [T, 4]
-  std::vector<std::vector<float>> candidates;  // per task, at most `capacity`
-  std::vector<int64_t> inside_total;           // per task, uncapped
+  std::vector<int64_t> counts;  // [T, 4]
+  float* cand = nullptr;        // [T, capacity]; rows filled in any order (the op leaves order unspecified)
+  std::unique_ptr<std::atomic<int64_t>[]> used;  // per task: slots claimed so far (may pass capacity)
+  int64_t capacity = 0;
+
+  // Appends up to the remaining room of task t's row.
+  void append(int64_t t, const float* v, int64_t m) {
+    if (m == 0 || used[t].load(std::memory_order_relaxed) >= capacity) return;
+    const int64_t start = used[t].fetch_add(m, std::memory_order_relaxed);
+    const int64_t take = std::min(m, capacity - start);
+    if (take > 0) std::memcpy(cand + t * capacity + start, v, sizeof(float) * take);
+  }
 };
+
+// Generic (auto-vectorised) counts of one row; packs the keys strictly inside into `compact` (n slots).
+inline int64_t bracket_row_generic(const float* row, int64_t n, uint32_t klo, uint32_t khi, bool distinct,
+                                   int64_t* c, float* compact) {
+  int32_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t k = abs_key(row[j]);
+    below += k < klo;
+    at_lo += k == klo;
+    at_hi += (k == khi) & distinct;
+    inside += (k > klo) & (k < khi);
+  }
+  c[0] += below;
+  c[1] += at_lo;
+  c[2] += inside;
+  c[3] += at_hi;
+  if (inside == 0) return 0;
+  // Branch-free compaction: every element is written, the cursor advances only for those inside.
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t k = abs_key(row[j]);
+    compact[m] = bits_float(k);
+    m += static_cast<int64_t>((k > klo) & (k < khi));
+  }
+  return m;
+}
 
 template <typename scalar_t>
 void bracket_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, const float* lo, const float* hi,
-                  int64_t capacity, const DareParams& dare, const int64_t* keys, BracketState& st) {
+                  const DareParams& dare, const int64_t* keys, BracketState& st) {
   const auto in_ptr = data_ptrs<scalar_t>(inputs);
   const auto base_ptr = data_ptrs<scalar_t>(base);
   std::vector<HistUnit> units;
   for (int64_t t = 0; t < tl.T; ++t)
     for (int64_t l = 0; l < tl.L; ++l)
       for (int64_t b = 0; b < tl.numel[l]; b += kUnit) units.push_back({t, l, b, std::min(tl.numel[l], b + kUnit)});
+  const bool simd = simd_enabled();
 
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     std::vector<int64_t> counts(static_cast<size_t>(tl.T * 4), 0);
-    std::vector<std::vector<float>> cand(tl.T);
+    std::vector<float> unit_cand(static_cast<size_t>(kUnit + 8));  // one unit's candidates (+ packing slack)
     alignas(64) float tile[kTile];
-    alignas(64) float compact[kTile];
-    alignas(64) uint32_t key[kTile];
     for (int64_t u = u0; u < u1; ++u) {
       const HistUnit& w = units[u];
       const uint32_t klo = abs_key(lo[w.t]), khi = abs_key(hi[w.t]);
       const bool distinct = khi > klo;
+      // The AVX2 core compares int32 keys against k and k + 1: both bounds must be below the top key.
+      const bool fast = simd && khi < 0x7fffffffu && klo < 0x7fffffffu;
       const scalar_t* in = in_ptr[w.t * tl.L + w.l];
       const scalar_t* bs = tl.has_base ? base_ptr[w.l] : nullptr;
+      const bool direct = std::is_same<scalar_t, float>::value && bs == nullptr && dare.p <= 0.f;
       const uint64_t dkey = keys != nullptr ? static_cast<uint64_t>(keys[w.t * tl.L + w.l]) : 0u;
       int64_t* c = counts.data() + w.t * 4;
+      int64_t m = 0;
       for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
         const int64_t n = std::min(kTile, w.end - i0);
-        load_tau_tile(in, bs, i0, n, dare, dkey, tile);
-        int32_t below = 0, at_lo = 0, at_hi = 0, inside = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const uint32_t k = abs_key(tile[j]);
-          key[j] = k;
-          below += k < klo;
-          at_lo += k == klo;
-          at_hi += (k == khi) & distinct;
-          inside += (k > klo) & (k < khi);
+        const float* row = tile;
+        if (direct) {
+          row = reinterpret_cast<const float*>(in) + i0;
+        } else {
+          load_tau_tile(in, bs, i0, n, dare, dkey, tile);
         }
-        c[0] += below;
-        c[1] += at_lo;
-        c[2] += inside;
-        c[3] += at_hi;
-        std::vector<float>& out = cand[w.t];
-        if (inside > 0 && static_cast<int64_t>(out.size()) < capacity) {
-          // Branch-free compaction into a tile buffer (every element is written, the cursor advances
-          // only for the ones inside), then one append.
-          int64_t m = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            compact[m] = bits_float(key[j]);
-            m += static_cast<int64_t>((key[j] > klo) & (key[j] < khi));
-          }
-          const int64_t take = std::min<int64_t>(m, capacity - static_cast<int64_t>(out.size()));
-          out.insert(out.end(), compact, compact + take);
+        int64_t done = 0;
+#if defined(CALM_FAST_HAVE_AVX2)
+        if (fast) {
+          done = n & ~int64_t{7};
+          avx2::BracketCounts bc;
+          m += avx2::bracket_row(row, done, static_cast<int32_t>(klo), static_cast<int32_t>(khi), distinct, bc,
+                                 unit_cand.data() + m);
+          c[0] += bc.below;
+          c[1] += bc.at_lo;
+          c[2] += bc.inside;
+          c[3] += bc.at_hi;
         }
+#endif
+        m += bracket_row_generic(row + done, n - done, klo, khi, distinct, c, unit_cand.data() + m);
       }
+      st.append(w.t, unit_cand.data(), m);
     }
     std::lock_guard<std::mutex> lock(st.mutex);
     for (size_t i = 0; i < counts.size(); ++i) st.counts[i] += counts[i];
-    for (int64_t t = 0; t < tl.T; ++t) {
-      std::vector<float>& dst = st.candidates[t];
-      const int64_t room = capacity - static_cast<int64_t>(dst.size());
-      const int64_t take = std::min<int64_t>(room, static_cast<int64_t>(cand[t].size()));
-      dst.insert(dst.end(), cand[t].begin(), cand[t].begin() + take);
-    }
   });
 }
 
@@ -185,24 +216,24 @@ std::tuple<at::Tensor, at::Tensor> abs_bracket_cpu(at::TensorList inputs, at::Te
   const at::Tensor& lo_c = bounds.first;
   const at::Tensor& hi_c = bounds.second;
   check_dare(op, dare_p, dare_keys, tl);
+  at::Tensor cand = at::empty({num_tasks, capacity}, at::kFloat);
+  advise_huge_pages(cand);
   BracketState st;
   st.counts.assign(static_cast<size_t>(num_tasks * 4), 0);
-  st.candidates.resize(num_tasks);
+  st.cand = cand.data_ptr<float>();
+  st.capacity = capacity;
+  st.used.reset(new std::atomic<int64_t>[static_cast<size_t>(std::max<int64_t>(num_tasks, 1))]);
+  for (int64_t t = 0; t < num_tasks; ++t) st.used[t].store(0);
   if (tl.L > 0) {
     const at::Tensor keys = dare_keys.has_value() ? dare_keys->contiguous() : at::Tensor();
     const DareParams dare = make_dare(dare_p, dare_rescale);
     CF_DISPATCH_FLOAT(tl.dtype, [&] {
-      bracket_impl<scalar_t>(inputs, base, tl, lo_c.data_ptr<float>(), hi_c.data_ptr<float>(), capacity, dare,
+      bracket_impl<scalar_t>(inputs, base, tl, lo_c.data_ptr<float>(), hi_c.data_ptr<float>(), dare,
                              keys.defined() ? keys.data_ptr<int64_t>() : nullptr, st);
     });
   }
   at::Tensor counts = at::empty({num_tasks, 4}, at::kLong);
   std::memcpy(counts.data_ptr<int64_t>(), st.counts.data(), sizeof(int64_t) * st.counts.size());
-  at::Tensor cand = at::empty({num_tasks, capacity}, at::kFloat);
-  for (int64_t t = 0; t < num_tasks; ++t)
-    if (!st.candidates[t].empty())
-      std::memcpy(cand.data_ptr<float>() + t * capacity, st.candidates[t].data(),
-                  sizeof(float) * st.candidates[t].size());
   return {counts, cand};
 }
 
