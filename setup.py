@@ -13,6 +13,7 @@ Install with `pip install --no-build-isolation -e .` after torch (see README).
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -64,6 +65,12 @@ def _arch_list() -> None:
 # CALM_FAST_MARCH (default "native": the extension is built on the machine that runs it) sets -march;
 #   set it to "" for a portable build (e.g. a wheel built on one machine and used on another).
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-Wno-unused-function"]
+# at::parallel_for is a header template that only runs in parallel when the including TU is compiled
+# with OpenMP (_OPENMP defined; torch is built with AT_PARALLEL_OPENMP).  Without -fopenmp every CPU
+# kernel silently runs on one thread.  Linking with -fopenmp records libgomp.so.1, the soname of the
+# libgomp torch itself loads (torch/lib/libgomp.so.1), so the process keeps one OpenMP runtime.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS += OPENMP_FLAGS
 _march = os.environ.get("CALM_FAST_MARCH", "native").strip()
 if _march:
     CXX_FLAGS.append(f"-march={_march}")
@@ -84,6 +91,7 @@ if use_cuda:
             include_dirs=include_dirs,
             define_macros=[("CALM_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=OPENMP_FLAGS,
         )
     )
 else:
@@ -93,6 +101,7 @@ else:
             cpu_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=OPENMP_FLAGS,
         )
     )
 
