@@ -133,3 +133,25 @@ def test_abs_bracket_paths_identical(monkeypatch, gen, dtype, with_base, dare_p)
                         assert torch.equal(a, b)
                     else:
                         assert bool(((b > lo[t]) & (b < hi[t])).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_consensus_merge_paths_identical(monkeypatch, gen, dtype, with_base, T):
+    for sizes in SIZES:
+        for integers in (True, False):
+            inputs, base = _inputs(gen, T, sizes, dtype, with_base, integers)
+            lambdas = torch.rand(T, generator=gen) * 1.5
+            mtl = [torch.randn(n, generator=gen) for n in sizes]
+            for given in (None, mtl):
+                for min_count in (0, 2, T, T + 5):
+                    out_float = bool(torch.randint(0, 2, (1,), generator=gen))
+
+                    def run():
+                        return ops.consensus_merge(inputs, base, T, lambdas, given, min_count, -0.7, True, out_float)
+
+                    (o1, m1, n1), (o2, m2, n2) = _both(monkeypatch, run)
+                    for a, b in zip(o1 + m1, o2 + m2):
+                        _equal(a, b)
+                    assert n1 == n2

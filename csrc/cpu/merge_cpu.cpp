@@ -374,16 +374,63 @@ int64_t consensus_impl(at::TensorList inputs, at::TensorList base, const TaskLis
   for (int64_t l = 0; l < tl.L; ++l) out_ptr[l] = out[l].data_ptr<out_t>();
   // Units start at multiples of kUnit (a multiple of 8), so each packed byte belongs to one unit.
   const std::vector<Unit> units = make_units(tl);
+  const DareParams no_dare;
+  const bool fast = simd_enabled();
+  const bool in_place = rows_in_place<scalar_t>(tl.has_base, no_dare);
+  // count <= T, so min_count beyond T + 1 behaves as T + 1 (keeps nothing) and fits in int32 lanes.
+  const int32_t min_count_i32 = static_cast<int32_t>(std::min<int64_t>(min_count, tl.T + 1));
   Reductions red;
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     alignas(64) float m[kTile], tau[kTile], res[kTile];
     alignas(64) int32_t count[kTile];
     alignas(64) uint8_t bit[kTile];
-    const DareParams no_dare;
     int64_t nonfinite = 0;
+    std::vector<float> rows(fast && !in_place ? tl.T * kTile : 0);
+    std::vector<const float*> src(tl.T);
+    std::vector<uint8_t*> packed_rows(tl.T);
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& w = units[u];
       const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
+#if defined(CALM_FAST_HAVE_AVX2)
+      if (fast) {
+        for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
+          const int64_t n = std::min(kTile, w.end - i0);
+          nonfinite += tau_rows(in_ptr, bs, tl, w.l, i0, n, no_dare, nullptr, in_place, rows.data(), src.data());
+          const float* brow = base_row(bs, i0, n, tau);
+          const float* given = mtl.empty() ? nullptr : mtl[w.l].data_ptr<float>() + i0;
+          float* dst = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(out_ptr[w.l]) + i0 : res;
+          if (!masks.empty())
+            for (int64_t t = 0; t < tl.T; ++t) packed_rows[t] = masks[t * tl.L + w.l].data_ptr<uint8_t>() + (i0 >> 3);
+          const int64_t done = n & ~int64_t{7};
+          avx2::consensus_row(src.data(), static_cast<int>(tl.T), done, lambdas, given, min_count_i32, alpha, brow,
+                              dst, masks.empty() ? nullptr : packed_rows.data(), in_place ? &nonfinite : nullptr);
+          if (done < n) {  // tail of the tensor (< 8 elements, one partial mask byte): per element
+            for (int64_t j = done; j < n; ++j) {
+              float mj = 0.f;
+              if (given != nullptr) {
+                mj = given[j];
+              } else {
+                for (int64_t t = 0; t < tl.T; ++t) mj += src[t][j];
+              }
+              int32_t c = 0;
+              for (int64_t t = 0; t < tl.T; ++t) {
+                if (in_place) nonfinite += is_nonfinite(src[t][j]);
+                const bool b = tall_mask(src[t][j], mj, lambdas[t]);
+                c += b;
+                if (!masks.empty()) {
+                  uint8_t& byte = packed_rows[t][j >> 3];
+                  byte = static_cast<uint8_t>(j == done ? 0 : byte) | static_cast<uint8_t>(b << (j & 7));
+                }
+              }
+              const float kept = c >= min_count ? mj : 0.f;
+              dst[j] = brow != nullptr ? brow[j] + alpha * kept : alpha * kept;
+            }
+          }
+          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, res);
+        }
+        continue;
+      }
+#endif
       for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
         const int64_t n = std::min(kTile, w.end - i0);
         if (!mtl.empty()) {

@@ -221,6 +221,43 @@ inline int64_t ties_row(const float* const* src, int T, int64_t n, const float* 
   return hsum_epi32(npos) - hsum_epi32(nneg);
 }
 
+// ---------------------------------------------------------------------------------------------
+// consensus_merge: m = mtl (or sum_t tau_t, t ascending), TALL bits |tau_t| > lambda_t |m - tau_t|,
+// count >= min_count keeps m; out = base + alpha * kept.  Packed masks: byte j/8 of row t gets the 8
+// bits of elements j..j+7 (element j + b is bit b) when masks != nullptr.
+// ---------------------------------------------------------------------------------------------
+inline void consensus_row(const float* const* src, int T, int64_t n, const float* lambdas, const float* mtl,
+                          int32_t min_count, float alpha, const float* base, float* out, uint8_t* const* masks,
+                          int64_t* nonfinite) {
+  const __m256 valpha = _mm256_set1_ps(alpha);
+  const __m256i need = _mm256_set1_epi32(min_count - 1);  // count >= min_count  <=>  count > min_count - 1
+  __m256i nf = _mm256_setzero_si256();
+  for (int64_t j = 0; j < n; j += 8) {
+    __m256 m;
+    if (mtl != nullptr) {
+      m = _mm256_loadu_ps(mtl + j);
+    } else {
+      m = _mm256_setzero_ps();
+      for (int t = 0; t < T; ++t) m = _mm256_add_ps(m, _mm256_loadu_ps(src[t] + j));
+    }
+    __m256i count = _mm256_setzero_si256();
+    for (int t = 0; t < T; ++t) {
+      const __m256 tau = _mm256_loadu_ps(src[t] + j);
+      const __m256 a = abs_ps(tau);
+      if (nonfinite != nullptr) nf = count_lanes(nf, nonfinite_lanes(a));
+      const __m256 b = abs_ps(_mm256_sub_ps(m, tau));
+      const __m256 bit = _mm256_cmp_ps(a, _mm256_mul_ps(_mm256_broadcast_ss(lambdas + t), b), _CMP_GT_OQ);
+      count = count_lanes(count, bit);
+      if (masks != nullptr) masks[t][j >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(bit));
+    }
+    const __m256 kept = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(count, need)), m);
+    __m256 res = _mm256_mul_ps(valpha, kept);
+    if (base != nullptr) res = _mm256_add_ps(_mm256_loadu_ps(base + j), res);
+    _mm256_storeu_ps(out + j, res);
+  }
+  if (nonfinite != nullptr) *nonfinite += hsum_epi32(nf);
+}
+
 }  // namespace avx2
 #endif  // CALM_FAST_HAVE_AVX2
 
