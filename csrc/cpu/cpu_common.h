@@ -12,6 +12,7 @@
 
 #include "common/elementwise.h"
 #include "common/tensor_list.h"
+#include "cpu/simd_avx2.h"
 
 namespace calm_fast {
 namespace cpu {
@@ -62,10 +63,11 @@ inline DareParams make_dare(double p, bool rescale) {
 }
 
 // Loads tile [i0, i0 + n) of one task's tau into `dst` (fp32), applying DARE, and returns the number of
-// non-finite tau values seen (before DARE, so a dropped NaN is still reported).
+// non-finite tau values seen (before DARE, so a dropped NaN is still reported).  `simd` lets the DARE
+// words come from the 8-block AVX2 Philox (same words).
 template <typename scalar_t>
 inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i0, int64_t n, const DareParams& d,
-                             uint64_t key, float* dst) {
+                             uint64_t key, float* dst, bool simd = false) {
   int64_t nonfinite = 0;
   if (base != nullptr) {
     for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]) - static_cast<float>(base[i0 + j]);
@@ -79,7 +81,14 @@ inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i
     alignas(64) uint32_t words[kTile];
     const int64_t blocks = (n + 3) / 4;
     const uint64_t first = static_cast<uint64_t>(i0) >> 2;
-    for (int64_t b = 0; b < blocks; ++b) {
+    int64_t b = 0;
+#if defined(CALM_FAST_HAVE_AVX2)
+    if (simd)
+      for (; b + 8 <= blocks; b += 8) avx2::philox8(first + static_cast<uint64_t>(b), key, words + 4 * b);
+#else
+    (void)simd;
+#endif
+    for (; b < blocks; ++b) {
       const Philox4 r = philox4x32_10(first + static_cast<uint64_t>(b), key);
       words[4 * b] = r.w[0];
       words[4 * b + 1] = r.w[1];
@@ -101,7 +110,7 @@ inline bool rows_in_place(bool has_base, const DareParams& d) {
 
 // Points src[t] at task t's fp32 tau for tile [i0, i0 + n) of tensor l: the input itself when
 // `in_place`, else row t of `rows` (T x kTile) filled by load_tau_tile.  Returns the non-finite count
-// load_tau_tile saw (0 in place: the caller's vector loop counts those).
+// load_tau_tile saw (0 in place: the caller's vector loop counts those).  Called on the AVX2 paths only.
 template <typename scalar_t>
 inline int64_t tau_rows(const std::vector<const scalar_t*>& in, const scalar_t* base, const TaskList& tl, int64_t l,
                         int64_t i0, int64_t n, const DareParams& d, const int64_t* keys, bool in_place, float* rows,
@@ -114,7 +123,8 @@ inline int64_t tau_rows(const std::vector<const scalar_t*>& in, const scalar_t* 
       continue;
     }
     float* r = rows + t * kTile;
-    nonfinite += load_tau_tile(in[ti], base, i0, n, d, keys != nullptr ? static_cast<uint64_t>(keys[ti]) : 0u, r);
+    nonfinite += load_tau_tile(in[ti], base, i0, n, d, keys != nullptr ? static_cast<uint64_t>(keys[ti]) : 0u, r,
+                               /*simd=*/true);
     src[t] = r;
   }
   return nonfinite;

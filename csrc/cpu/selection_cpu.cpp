@@ -41,6 +41,7 @@ void histogram_impl(at::Tensor& hist, at::TensorList inputs, at::TensorList base
   }
   int64_t* global = hist.data_ptr<int64_t>();
   std::mutex flush_mutex;
+  const bool simd = simd_enabled();
 
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     // uint32 counts per thread (half the cache footprint of int64), flushed before they could overflow.
@@ -62,7 +63,7 @@ void histogram_impl(at::Tensor& hist, at::TensorList inputs, at::TensorList base
       uint32_t* h = local.data() + w.t * bins;
       for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
         const int64_t n = std::min(kTile, w.end - i0);
-        load_tau_tile(in, bs, i0, n, dare, dkey, tile);
+        load_tau_tile(in, bs, i0, n, dare, dkey, tile, simd);
         for (int64_t j = 0; j < n; ++j) key[j] = abs_key(tile[j]);
         if (prefix == nullptr) {
           for (int64_t j = 0; j < n; ++j) h[key[j] >> 16] += 1u;
@@ -182,7 +183,7 @@ void bracket_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl
         if (direct) {
           row = reinterpret_cast<const float*>(in) + i0;
         } else {
-          load_tau_tile(in, bs, i0, n, dare, dkey, tile);
+          load_tau_tile(in, bs, i0, n, dare, dkey, tile, simd);
         }
         int64_t done = 0;
 #if defined(CALM_FAST_HAVE_AVX2)

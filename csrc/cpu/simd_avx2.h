@@ -258,6 +258,51 @@ inline void consensus_row(const float* const* src, int T, int64_t n, const float
   if (nonfinite != nullptr) *nonfinite += hsum_epi32(nf);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Philox-4x32-10 (common/elementwise.h's philox4x32_10) of the 8 consecutive counters first .. first+7
+// under one key, 8 blocks per instruction: words[4 b + i] = word i of block b, the layout
+// load_tau_tile's DARE loop reads.  Integer arithmetic only, so identical to the scalar generator.
+// ---------------------------------------------------------------------------------------------
+inline void mulhilo8(__m256i m, __m256i c, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(m, c);                         // 64-bit products, lanes 0 2 4 6
+  const __m256i odd = _mm256_mul_epu32(m, _mm256_srli_epi64(c, 32));  // lanes 1 3 5 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+inline void philox8(uint64_t first, uint64_t key, uint32_t* words) {
+  alignas(32) uint32_t lo32[8], hi32[8];
+  for (int b = 0; b < 8; ++b) {
+    const uint64_t c = first + static_cast<uint64_t>(b);
+    lo32[b] = static_cast<uint32_t>(c);
+    hi32[b] = static_cast<uint32_t>(c >> 32);
+  }
+  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo32));
+  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi32));
+  __m256i c2 = _mm256_setzero_si256(), c3 = c2;
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int r = 0; r < 10; ++r) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(m0, c0, hi0, lo0);
+    mulhilo8(m1, c2, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  alignas(32) uint32_t w[4][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[0]), c0);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[1]), c1);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[2]), c2);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(w[3]), c3);
+  for (int b = 0; b < 8; ++b)
+    for (int i = 0; i < 4; ++i) words[4 * b + i] = w[i][b];
+}
+
 }  // namespace avx2
 #endif  // CALM_FAST_HAVE_AVX2
 
