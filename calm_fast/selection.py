@@ -1,6 +1,8 @@
 """Exact global magnitude selection over lists of tensors, without concatenating them.
 
-The k-th smallest ``|tau|`` of a task's whole (virtual) flattened vector is found by two counting passes
+By default (``method='auto'``) one ``abs_bracket`` pass pins the k-th smallest ``|tau|`` of a task's whole
+(virtual) flattened vector between two sampled bounds and selects it exactly among the few values inside
+(see :func:`kth_smallest_abs`).  The fallback, and the streaming/distributed form, is two counting passes
 of the ``abs_histogram_`` op (radix select on fp32 magnitude keys, see csrc/cpu/selection_cpu.cpp):
 
 1. count the high 15 bits of every key -> the bucket holding the k-th key (prefix sums);
