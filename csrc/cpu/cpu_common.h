@@ -69,10 +69,17 @@ template <typename scalar_t>
 inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i0, int64_t n, const DareParams& d,
                              uint64_t key, float* dst, bool simd = false) {
   int64_t nonfinite = 0;
+  int64_t j0 = 0;  // elements already converted by the AVX2 loop
+#if defined(CALM_FAST_HAVE_AVX2)
+  if (simd && avx2::Convert8<scalar_t>::value) {
+    j0 = n & ~int64_t{7};
+    avx2::load_rows8(in + i0, base != nullptr ? base + i0 : nullptr, j0, dst);
+  }
+#endif
   if (base != nullptr) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]) - static_cast<float>(base[i0 + j]);
+    for (int64_t j = j0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]) - static_cast<float>(base[i0 + j]);
   } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]);
+    for (int64_t j = j0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]);
   }
   for (int64_t j = 0; j < n; ++j) nonfinite += is_nonfinite(dst[j]);
   if (d.p > 0.f) {
@@ -85,8 +92,6 @@ inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i
 #if defined(CALM_FAST_HAVE_AVX2)
     if (simd)
       for (; b + 8 <= blocks; b += 8) avx2::philox8(first + static_cast<uint64_t>(b), key, words + 4 * b);
-#else
-    (void)simd;
 #endif
     for (; b < blocks; ++b) {
       const Philox4 r = philox4x32_10(first + static_cast<uint64_t>(b), key);
@@ -135,7 +140,14 @@ template <typename scalar_t>
 inline const float* base_row(const scalar_t* base, int64_t i0, int64_t n, float* buf) {
   if (base == nullptr) return nullptr;
   if (std::is_same<scalar_t, float>::value) return reinterpret_cast<const float*>(base) + i0;
-  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(base[i0 + j]);
+  int64_t j0 = 0;
+#if defined(CALM_FAST_HAVE_AVX2)
+  if (avx2::Convert8<scalar_t>::value) {  // only called on the AVX2 paths
+    j0 = n & ~int64_t{7};
+    avx2::load_rows8<scalar_t>(base + i0, nullptr, j0, buf);
+  }
+#endif
+  for (int64_t j = j0; j < n; ++j) buf[j] = static_cast<float>(base[i0 + j]);
   return buf;
 }
 
@@ -144,9 +156,19 @@ inline void table_column(const float* table, const TaskList& tl, int64_t l, floa
   for (int64_t t = 0; t < tl.T; ++t) dst[t] = table[t * tl.L + l];
 }
 
+// out[i0, i0 + n) = v converted to out_t (`simd`: 8 lanes at a time, the same bits).
 template <typename out_t>
-inline void store_tile(out_t* out, int64_t i0, int64_t n, const float* v) {
-  for (int64_t j = 0; j < n; ++j) out[i0 + j] = static_cast<out_t>(v[j]);
+inline void store_tile(out_t* out, int64_t i0, int64_t n, const float* v, bool simd = false) {
+  int64_t j0 = 0;
+#if defined(CALM_FAST_HAVE_AVX2)
+  if (simd && avx2::Convert8<out_t>::value) {
+    j0 = n & ~int64_t{7};
+    avx2::store_rows8(v, j0, out + i0);
+  }
+#else
+  (void)simd;
+#endif
+  for (int64_t j = j0; j < n; ++j) out[i0 + j] = static_cast<out_t>(v[j]);
 }
 
 }  // namespace cpu

@@ -76,7 +76,7 @@ int64_t weighted_impl(at::TensorList inputs, at::TensorList base, const TaskList
             }
             dst[j] = brow != nullptr ? brow[j] + scale * a : scale * a;
           }
-          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, acc);
+          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, acc, /*simd=*/true);
         }
         continue;
       }
@@ -229,7 +229,7 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
             dst[j] = brow != nullptr ? brow[j] + scale * r : scale * r;
             if (cancelled) record(j);
           }
-          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, res);
+          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, res, /*simd=*/true);
         }
         continue;
       }
@@ -426,7 +426,7 @@ int64_t consensus_impl(at::TensorList inputs, at::TensorList base, const TaskLis
               dst[j] = brow != nullptr ? brow[j] + alpha * kept : alpha * kept;
             }
           }
-          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, res);
+          if (!std::is_same<out_t, float>::value) store_tile(out_ptr[w.l], i0, n, res, /*simd=*/true);
         }
         continue;
       }

@@ -15,6 +15,11 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #define CALM_FAST_HAVE_AVX2 1
@@ -86,6 +91,75 @@ inline int left_pack(int32_t* dst, __m256i v, int mask) {
   const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(pack_table().idx[mask])));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutevar8x32_epi32(v, perm));
   return __builtin_popcount(static_cast<unsigned>(mask));
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtype conversions of 8 lanes, bit-identical to c10's scalar ones: bf16 -> fp32 is the bf16 bits as
+// the high half; fp32 -> bf16 rounds to nearest even with NaN -> 0x7FC0 (c10::BFloat16's rule); fp16
+// uses F16C, the very instructions c10::Half converts with when the build has F16C.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Convert8 : std::false_type {};
+template <>
+struct Convert8<float> : std::true_type {};
+template <>
+struct Convert8<c10::BFloat16> : std::true_type {};
+#if defined(__F16C__)
+template <>
+struct Convert8<c10::Half> : std::true_type {};
+#endif
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7FFF));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // 32 -> 16 bits: packus works within 128-bit halves; gather the two useful quarters.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+#if defined(__F16C__)
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+// dst[0, n8) = float(in[0, n8)) (- float(base[0, n8))); n8 a multiple of 8.
+template <typename scalar_t>
+inline void load_rows8(const scalar_t* in, const scalar_t* base, int64_t n8, float* dst) {
+  // Tiles of one task are read in short bursts between the other tasks' bursts: prefetch the same
+  // task's next tile so the hardware stream never restarts cold.
+  constexpr int64_t kAhead = 4096 / sizeof(scalar_t);
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  if (base != nullptr) {
+    for (int64_t j = 0; j < n8; j += 8) {
+      if ((j & (kLine - 1)) == 0) {
+        __builtin_prefetch(in + j + kAhead);
+        __builtin_prefetch(base + j + kAhead);
+      }
+      _mm256_storeu_ps(dst + j, _mm256_sub_ps(load8(in + j), load8(base + j)));
+    }
+  } else {
+    for (int64_t j = 0; j < n8; j += 8) {
+      if ((j & (kLine - 1)) == 0) __builtin_prefetch(in + j + kAhead);
+      _mm256_storeu_ps(dst + j, load8(in + j));
+    }
+  }
+}
+
+template <typename out_t>
+inline void store_rows8(const float* v, int64_t n8, out_t* out) {
+  for (int64_t j = 0; j < n8; j += 8) store8(out + j, _mm256_loadu_ps(v + j));
 }
 
 // ---------------------------------------------------------------------------------------------
