@@ -106,35 +106,6 @@ inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i
   return nonfinite;
 }
 
-// Whether a task-major list can be read in place as fp32 tau rows: fp32 task vectors without DARE
-// (anything else is first converted into a tile by load_tau_tile).
-template <typename scalar_t>
-inline bool rows_in_place(bool has_base, const DareParams& d) {
-  return std::is_same<scalar_t, float>::value && !has_base && d.p <= 0.f;
-}
-
-// Points src[t] at task t's fp32 tau for tile [i0, i0 + n) of tensor l: the input itself when
-// `in_place`, else row t of `rows` (T x kTile) filled by load_tau_tile.  Returns the non-finite count
-// load_tau_tile saw (0 in place: the caller's vector loop counts those).  Called on the AVX2 paths only.
-template <typename scalar_t>
-inline int64_t tau_rows(const std::vector<const scalar_t*>& in, const scalar_t* base, const TaskList& tl, int64_t l,
-                        int64_t i0, int64_t n, const DareParams& d, const int64_t* keys, bool in_place, float* rows,
-                        const float** src) {
-  int64_t nonfinite = 0;
-  for (int64_t t = 0; t < tl.T; ++t) {
-    const int64_t ti = t * tl.L + l;
-    if (in_place) {
-      src[t] = reinterpret_cast<const float*>(in[ti]) + i0;
-      continue;
-    }
-    float* r = rows + t * kTile;
-    nonfinite += load_tau_tile(in[ti], base, i0, n, d, keys != nullptr ? static_cast<uint64_t>(keys[ti]) : 0u, r,
-                               /*simd=*/true);
-    src[t] = r;
-  }
-  return nonfinite;
-}
-
 // The base of tile [i0, i0 + n) as fp32: in place for fp32, else converted into `buf`; null without a base.
 template <typename scalar_t>
 inline const float* base_row(const scalar_t* base, int64_t i0, int64_t n, float* buf) {
@@ -150,6 +121,58 @@ inline const float* base_row(const scalar_t* base, int64_t i0, int64_t n, float*
   for (int64_t j = j0; j < n; ++j) buf[j] = static_cast<float>(base[i0 + j]);
   return buf;
 }
+
+// Where the AVX2 paths read every task's tau for one tile.  In place (no DARE, a dtype the vector
+// loads convert): the inputs themselves, typed, with the fp32 base row subtracted by the core (the same
+// fp32 subtraction load_tau_tile does) -- each input element is read once, by the core.  Otherwise
+// (DARE): fp32 rows filled by load_tau_tile.  `run(f)` calls f(src, tau_base) with the right pointers.
+template <typename scalar_t>
+struct TileSource {
+  bool in_place;
+  std::vector<const scalar_t*> typed;
+  std::vector<const float*> rows;
+  std::vector<float> row_buf, base_buf;
+  const float* base = nullptr;  // fp32 base of the tile (null without a base)
+
+  TileSource(int64_t T, const DareParams& d)
+      : in_place(d.p <= 0.f
+#if defined(CALM_FAST_HAVE_AVX2)
+                 && avx2::Convert8<scalar_t>::value
+#endif
+                 ),
+        typed(T), rows(T), row_buf(in_place ? 0 : T * kTile), base_buf(kTile) {}
+
+  // Points at tile [i0, i0 + n) of tensor l; returns the non-finite count load_tau_tile saw (rows mode).
+  int64_t load(const std::vector<const scalar_t*>& in, const scalar_t* bs, const TaskList& tl, int64_t l, int64_t i0,
+               int64_t n, const DareParams& d, const int64_t* keys) {
+    base = base_row(bs, i0, n, base_buf.data());
+    int64_t nonfinite = 0;
+    for (int64_t t = 0; t < tl.T; ++t) {
+      const int64_t ti = t * tl.L + l;
+      if (in_place) {
+        typed[t] = in[ti] + i0;
+        continue;
+      }
+      float* r = row_buf.data() + t * kTile;
+      nonfinite += load_tau_tile(in[ti], bs, i0, n, d, keys != nullptr ? static_cast<uint64_t>(keys[ti]) : 0u, r,
+                                 /*simd=*/true);
+      rows[t] = r;
+    }
+    return nonfinite;
+  }
+
+  // tau of task t at tile element j (the scalar tails).
+  float tau(int64_t t, int64_t j) const {
+    if (!in_place) return rows[t][j];
+    const float x = static_cast<float>(typed[t][j]);
+    return base != nullptr ? x - base[j] : x;
+  }
+
+  template <class F>
+  auto run(F&& f) const {
+    return in_place ? f(typed.data(), base) : f(rows.data(), static_cast<const float*>(nullptr));
+  }
+};
 
 // Column l of a [T, L] table as T contiguous values.
 inline void table_column(const float* table, const TaskList& tl, int64_t l, float* dst) {

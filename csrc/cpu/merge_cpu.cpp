@@ -42,14 +42,13 @@ int64_t weighted_impl(at::TensorList inputs, at::TensorList base, const TaskList
   for (int64_t l = 0; l < tl.L; ++l) out_ptr[l] = out[l].data_ptr<out_t>();
   const std::vector<Unit> units = make_units(tl);
   const bool fast = simd_enabled() && mask_kind == 0;
-  const bool in_place = rows_in_place<scalar_t>(tl.has_base, dare);
   Reductions red;
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     alignas(64) float acc[kTile];
     alignas(64) float tau[kTile];
     int64_t nonfinite = 0;
-    std::vector<float> rows(fast && !in_place ? tl.T * kTile : 0), wcol(tl.T), tcol(tl.T);
-    std::vector<const float*> src(tl.T);
+    std::vector<float> wcol(tl.T), tcol(tl.T);
+    TileSource<scalar_t> src(fast ? tl.T : 0, dare);
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& w = units[u];
       const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
@@ -60,17 +59,19 @@ int64_t weighted_impl(at::TensorList inputs, at::TensorList base, const TaskList
         const float* thr = thresholds != nullptr ? tcol.data() : nullptr;
         for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
           const int64_t n = std::min(kTile, w.end - i0);
-          nonfinite += tau_rows(in_ptr, bs, tl, w.l, i0, n, dare, keys, in_place, rows.data(), src.data());
-          const float* brow = base_row(bs, i0, n, tau);
+          nonfinite += src.load(in_ptr, bs, tl, w.l, i0, n, dare, keys);
+          const float* brow = src.base;
           float* dst = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(out_ptr[w.l]) + i0 : acc;
           const int64_t done = n & ~int64_t{7};
-          avx2::weighted_row(src.data(), static_cast<int>(tl.T), done, wcol.data(), thr, strict, scale, brow, dst,
-                             in_place ? &nonfinite : nullptr);
+          src.run([&](auto rows, const float* tau_base) {
+            avx2::weighted_row(rows, tau_base, static_cast<int>(tl.T), done, wcol.data(), thr, strict, scale, brow,
+                               dst, src.in_place ? &nonfinite : nullptr);
+          });
           for (int64_t j = done; j < n; ++j) {  // tail of the tensor: the generic formula per element
             float a = 0.f;
             for (int64_t t = 0; t < tl.T; ++t) {
-              float v = src[t][j];
-              if (in_place) nonfinite += is_nonfinite(v);
+              float v = src.tau(t, j);
+              if (src.in_place) nonfinite += is_nonfinite(v);
               if (thr != nullptr) v = trim_keep(v, thr[t], strict) ? v : 0.f;
               a += wcol[t] * v;
             }
@@ -172,7 +173,6 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
   red.cancel_count.assign(tl.L, 0);
 
   const bool fast = simd_enabled();
-  const bool in_place = rows_in_place<scalar_t>(tl.has_base, dare);
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
     std::vector<float> vals(static_cast<size_t>(tl.T * kTile));  // trimmed, weighted tau: row t = task t
     // Branch-free SoA tiles: the elected sign is kept as a float (+1, -1, or 0), counts as floats (exact
@@ -183,7 +183,7 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
     std::vector<float> patch;
     int64_t nonfinite = 0;
     std::vector<float> tcol(tl.T), wcol(tl.T), scratch(static_cast<size_t>(tl.T * 8));
-    std::vector<const float*> src(tl.T);
+    TileSource<scalar_t> src(fast ? tl.T : 0, dare);
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& w = units[u];
       const scalar_t* bs = base_ptr_or_null(bs_ptr, tl, w.l);
@@ -195,12 +195,12 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
         const int T = static_cast<int>(tl.T);
         for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
           const int64_t n = std::min(kTile, w.end - i0);
-          nonfinite += tau_rows(in_ptr, bs, tl, w.l, i0, n, dare, keys, in_place, vals.data(), src.data());
-          const float* brow = base_row(bs, i0, n, acc);
+          nonfinite += src.load(in_ptr, bs, tl, w.l, i0, n, dare, keys);
+          const float* brow = src.base;
           float* dst = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(out_ptr[w.l]) + i0 : res;
           auto trimmed = [&](int64_t j) {
             return [&, j](int t) {
-              const float v = src[t][j];
+              const float v = src.tau(t, j);
               return trim_keep(v, tcol[t], strict) ? v * wcol[t] : 0.f;
             };
           };
@@ -217,11 +217,13 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
             }
           };
           const int64_t done = n & ~int64_t{7};
-          sign_sum[w.l] += avx2::ties_row(src.data(), T, done, tcol.data(), wcol.data(), strict, merge, scale, zs,
-                                          brow, dst, in_place ? &nonfinite : nullptr, scratch.data(), record);
+          sign_sum[w.l] += src.run([&](auto rows, const float* tau_base) {
+            return avx2::ties_row(rows, tau_base, T, done, tcol.data(), wcol.data(), strict, merge, scale, zs, brow,
+                                  dst, src.in_place ? &nonfinite : nullptr, scratch.data(), record);
+          });
           for (int64_t j = done; j < n; ++j) {  // tail of the tensor: ties_element per element
-            if (in_place)
-              for (int t = 0; t < T; ++t) nonfinite += is_nonfinite(src[t][j]);
+            if (src.in_place)
+              for (int t = 0; t < T; ++t) nonfinite += is_nonfinite(src.tau(t, j));
             int gamma;
             bool cancelled;
             const float r = ties_element(trimmed(j), T, merge, zs, gamma, cancelled);
@@ -376,7 +378,6 @@ int64_t consensus_impl(at::TensorList inputs, at::TensorList base, const TaskLis
   const std::vector<Unit> units = make_units(tl);
   const DareParams no_dare;
   const bool fast = simd_enabled();
-  const bool in_place = rows_in_place<scalar_t>(tl.has_base, no_dare);
   // count <= T, so min_count beyond T + 1 behaves as T + 1 (keeps nothing) and fits in int32 lanes.
   const int32_t min_count_i32 = static_cast<int32_t>(std::min<int64_t>(min_count, tl.T + 1));
   Reductions red;
@@ -385,8 +386,7 @@ int64_t consensus_impl(at::TensorList inputs, at::TensorList base, const TaskLis
     alignas(64) int32_t count[kTile];
     alignas(64) uint8_t bit[kTile];
     int64_t nonfinite = 0;
-    std::vector<float> rows(fast && !in_place ? tl.T * kTile : 0);
-    std::vector<const float*> src(tl.T);
+    TileSource<scalar_t> src(fast ? tl.T : 0, no_dare);
     std::vector<uint8_t*> packed_rows(tl.T);
     for (int64_t u = u0; u < u1; ++u) {
       const Unit& w = units[u];
@@ -395,27 +395,31 @@ int64_t consensus_impl(at::TensorList inputs, at::TensorList base, const TaskLis
       if (fast) {
         for (int64_t i0 = w.begin; i0 < w.end; i0 += kTile) {
           const int64_t n = std::min(kTile, w.end - i0);
-          nonfinite += tau_rows(in_ptr, bs, tl, w.l, i0, n, no_dare, nullptr, in_place, rows.data(), src.data());
-          const float* brow = base_row(bs, i0, n, tau);
+          nonfinite += src.load(in_ptr, bs, tl, w.l, i0, n, no_dare, nullptr);
+          const float* brow = src.base;
           const float* given = mtl.empty() ? nullptr : mtl[w.l].data_ptr<float>() + i0;
           float* dst = std::is_same<out_t, float>::value ? reinterpret_cast<float*>(out_ptr[w.l]) + i0 : res;
           if (!masks.empty())
             for (int64_t t = 0; t < tl.T; ++t) packed_rows[t] = masks[t * tl.L + w.l].data_ptr<uint8_t>() + (i0 >> 3);
           const int64_t done = n & ~int64_t{7};
-          avx2::consensus_row(src.data(), static_cast<int>(tl.T), done, lambdas, given, min_count_i32, alpha, brow,
-                              dst, masks.empty() ? nullptr : packed_rows.data(), in_place ? &nonfinite : nullptr);
+          src.run([&](auto rows, const float* tau_base) {
+            avx2::consensus_row(rows, tau_base, static_cast<int>(tl.T), done, lambdas, given, min_count_i32, alpha,
+                                brow, dst, masks.empty() ? nullptr : packed_rows.data(),
+                                src.in_place ? &nonfinite : nullptr);
+          });
           if (done < n) {  // tail of the tensor (< 8 elements, one partial mask byte): per element
             for (int64_t j = done; j < n; ++j) {
               float mj = 0.f;
               if (given != nullptr) {
                 mj = given[j];
               } else {
-                for (int64_t t = 0; t < tl.T; ++t) mj += src[t][j];
+                for (int64_t t = 0; t < tl.T; ++t) mj += src.tau(t, j);
               }
               int32_t c = 0;
               for (int64_t t = 0; t < tl.T; ++t) {
-                if (in_place) nonfinite += is_nonfinite(src[t][j]);
-                const bool b = tall_mask(src[t][j], mj, lambdas[t]);
+                const float tau_tj = src.tau(t, j);
+                if (src.in_place) nonfinite += is_nonfinite(tau_tj);
+                const bool b = tall_mask(tau_tj, mj, lambdas[t]);
                 c += b;
                 if (!masks.empty()) {
                   uint8_t& byte = packed_rows[t][j >> 3];

@@ -157,6 +157,14 @@ inline void load_rows8(const scalar_t* in, const scalar_t* base, int64_t n8, flo
   }
 }
 
+// Task t's tau on 8 lanes: the row value, minus the fp32 base row when the rows are fine-tuned weights
+// read in place (the same fp32 subtraction load_tau_tile does).
+template <typename in_t>
+inline __m256 load_tau8(const in_t* row, const float* tau_base, int64_t j) {
+  const __m256 x = load8(row + j);
+  return tau_base != nullptr ? _mm256_sub_ps(x, _mm256_loadu_ps(tau_base + j)) : x;
+}
+
 template <typename out_t>
 inline void store_rows8(const float* v, int64_t n8, out_t* out) {
   for (int64_t j = 0; j < n8; j += 8) store8(out + j, _mm256_loadu_ps(v + j));
@@ -207,14 +215,16 @@ inline int64_t bracket_row(const float* x, int64_t n, int32_t klo, int32_t khi, 
 // (> when strict) when thr != nullptr.  Counts non-finite tau into *nonfinite when it is not null
 // (the rows were not loaded by load_tau_tile, which counts them itself).
 // ---------------------------------------------------------------------------------------------
-inline void weighted_row(const float* const* src, int T, int64_t n, const float* w, const float* thr, bool strict,
-                         float scale, const float* base, float* out, int64_t* nonfinite) {
+template <typename in_t>
+inline void weighted_row(const in_t* const* src, const float* tau_base, int T, int64_t n, const float* w,
+                         const float* thr, bool strict, float scale, const float* base, float* out,
+                         int64_t* nonfinite) {
   const __m256 vscale = _mm256_set1_ps(scale);
   __m256i nf = _mm256_setzero_si256();
   for (int64_t j = 0; j < n; j += 8) {
     __m256 acc = _mm256_setzero_ps();
     for (int t = 0; t < T; ++t) {
-      __m256 x = _mm256_loadu_ps(src[t] + j);
+      __m256 x = load_tau8(src[t], tau_base, j);
       if (nonfinite != nullptr) nf = count_lanes(nf, nonfinite_lanes(abs_ps(x)));
       if (thr != nullptr) {
         const __m256 th = _mm256_broadcast_ss(thr + t);
@@ -237,8 +247,9 @@ inline void weighted_row(const float* const* src, int T, int64_t n, const float*
 // is stored (rare; the caller records it for the zero-sign patch).  Returns the sum of the elected
 // signs (+1/-1/0) over the row.
 // ---------------------------------------------------------------------------------------------
-template <class OnCancel>
-inline int64_t ties_row(const float* const* src, int T, int64_t n, const float* thr, const float* w, bool strict,
+template <typename in_t, class OnCancel>
+inline int64_t ties_row(const in_t* const* src, const float* tau_base, int T, int64_t n, const float* thr,
+                        const float* w, bool strict,
                         int merge, float scale, float zero_sign, const float* base, float* out, int64_t* nonfinite,
                         float* scratch, OnCancel&& on_cancel) {
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f), minus_one = _mm256_set1_ps(-1.f);
@@ -247,7 +258,7 @@ inline int64_t ties_row(const float* const* src, int T, int64_t n, const float* 
   for (int64_t j = 0; j < n; j += 8) {
     __m256 s = zero, any = zero;
     for (int t = 0; t < T; ++t) {
-      const __m256 x = _mm256_loadu_ps(src[t] + j);
+      const __m256 x = load_tau8(src[t], tau_base, j);
       const __m256 a = abs_ps(x);
       if (nonfinite != nullptr) nf = count_lanes(nf, nonfinite_lanes(a));
       const __m256 keep = trim_mask(a, _mm256_broadcast_ss(thr + t), strict);
@@ -300,7 +311,9 @@ inline int64_t ties_row(const float* const* src, int T, int64_t n, const float* 
 // count >= min_count keeps m; out = base + alpha * kept.  Packed masks: byte j/8 of row t gets the 8
 // bits of elements j..j+7 (element j + b is bit b) when masks != nullptr.
 // ---------------------------------------------------------------------------------------------
-inline void consensus_row(const float* const* src, int T, int64_t n, const float* lambdas, const float* mtl,
+template <typename in_t>
+inline void consensus_row(const in_t* const* src, const float* tau_base, int T, int64_t n, const float* lambdas,
+                          const float* mtl,
                           int32_t min_count, float alpha, const float* base, float* out, uint8_t* const* masks,
                           int64_t* nonfinite) {
   const __m256 valpha = _mm256_set1_ps(alpha);
@@ -312,11 +325,11 @@ inline void consensus_row(const float* const* src, int T, int64_t n, const float
       m = _mm256_loadu_ps(mtl + j);
     } else {
       m = _mm256_setzero_ps();
-      for (int t = 0; t < T; ++t) m = _mm256_add_ps(m, _mm256_loadu_ps(src[t] + j));
+      for (int t = 0; t < T; ++t) m = _mm256_add_ps(m, load_tau8(src[t], tau_base, j));
     }
     __m256i count = _mm256_setzero_si256();
     for (int t = 0; t < T; ++t) {
-      const __m256 tau = _mm256_loadu_ps(src[t] + j);
+      const __m256 tau = load_tau8(src[t], tau_base, j);
       const __m256 a = abs_ps(tau);
       if (nonfinite != nullptr) nf = count_lanes(nf, nonfinite_lanes(a));
       const __m256 b = abs_ps(_mm256_sub_ps(m, tau));
