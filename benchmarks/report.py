@@ -14,6 +14,11 @@ Bytes-moved model (b = bytes per element of the inputs, ob of the output; the mi
   ties (threshold + one fused merge pass)             2 * T * N * b + N * ob      (+ base: N * b per pass)
   task arithmetic / dare (one fused pass)             T * N * b + N * ob
   consensus (one fused pass)                          T * N * b + N * ob
+  calm interpolate (R fp32; base, taus: b)            4N + 3 * N * b + N * ob
+  calm accumulate (A fp32 read + write; grad, taus)   8N + 3 * N * b
+  calm mask step + theta rewrite                      16N (R, A read + write) + 3 * N * b + N * ob
+  calm binarize merge                                 4N + 2 * N * b + N * ob
+  (CALM rows are per call and independent of T.)
 Copy bandwidth = 2 * bytes / time of dst.copy_(src) on a large buffer (read + write).
 
 Results are written to benchmarks/results/<device>_<date>.json and printed as a markdown table.
@@ -151,6 +156,35 @@ def make_task_vectors(T: int, n: int, dtype, device, tensors: int = 4):
     return xs, sizes
 
 
+def calm_inputs(n: int, dtype, device, tensors: int = 4) -> dict:
+    """CALM mask-training operands of n elements in `tensors` tensors: fp32 R (init-like +-5) and A;
+    base, taus, grads and theta in `dtype`."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [n // tensors] * (tensors - 1) + [n - (n // tensors) * (tensors - 1)]
+
+    def lst(scale, dt=dtype):
+        return [(torch.randn(s, generator=g) * scale).to(dt).to(device) for s in sizes]
+
+    R = [torch.where(torch.rand(s, generator=g) < 1e-3, 5.0, -5.0).to(device) for s in sizes]
+    return dict(R=R, A=lst(1.0, torch.float32), base=lst(1.0), prev=lst(1e-3), new=lst(1e-3), grad=lst(1e-6),
+                theta=[torch.empty(s, dtype=dtype, device=device) for s in sizes])
+
+
+def calm_timings(impl, d: dict, device: str, repeat: int) -> dict:
+    """Seconds of one call of each CALM op through `impl` (calm_fast.ops or the reference ops)."""
+    ref = impl is reference.ReferenceOps
+    interp = (lambda: impl.calm_interpolate(d["base"], d["prev"], d["new"], d["R"], "fused", False)) if ref else \
+        (lambda: impl.calm_interpolate(d["base"], d["prev"], d["new"], d["R"], "fused"))
+    acc = (lambda: impl.calm_accumulate_(d["A"], d["grad"], d["prev"], d["new"], 1e7, False)) if ref else \
+        (lambda: impl.calm_accumulate_(d["A"], d["grad"], d["prev"], d["new"], 1e7))
+    step = (lambda: impl.calm_mask_step_(d["R"], d["A"], 1.0, False, d["theta"], d["base"], d["prev"], d["new"],
+                                         "fused")) if ref else \
+        (lambda: impl.calm_mask_step_(d["R"], d["A"], 1.0, False, d["theta"], d["base"], d["prev"], d["new"]))
+    binar = lambda: impl.calm_binarize_merge(d["prev"], d["new"], d["R"])  # noqa: E731
+    return {"interpolate": timeit(interp, device, repeat), "accumulate": timeit(acc, device, repeat),
+            "step": timeit(step, device, repeat), "binarize": timeit(binar, device, repeat)}
+
+
 def run(args) -> dict:
     device = args.device
     dtype = getattr(torch, args.dtype)
@@ -219,6 +253,19 @@ def run(args) -> dict:
     r_cons = timeit(lambda: reference.consensus_merging_reference(zero_sd, tvs, 0.6, 2, 0.3), device,
                     max(1, args.ref_repeat))
 
+    # --- CALM mask training (per call; the inputs of the merges above are freed first)
+    rxs.clear()
+    del zero_sd, tvs
+    gc.collect()
+    cd = calm_inputs(N, dtype, device)
+    t_calm = calm_timings(ops, cd, device, args.repeat)
+    del cd
+    gc.collect()
+    rcd = calm_inputs(ref_n, dtype, device)
+    r_calm = calm_timings(reference.ReferenceOps, rcd, device, max(1, args.ref_repeat))
+    del rcd
+    gc.collect()
+
     ob = b
     add("threshold (1 task)", t1, N * b, r_thr, ref_n_note, note="exact k-th |x|, 20% kept")
     add(f"threshold ({T} tasks)", tT, T * N * b, r_thr * T, ref_n_note, peak_thr)
@@ -228,6 +275,14 @@ def run(args) -> dict:
     add("task arithmetic", t_ta, T * N * b + N * ob, r_ta, ref_n_note)
     add("dare + task arithmetic", t_dare, T * N * b + N * ob)
     add("consensus (TALL k=2)", t_cons, T * N * b + N * ob, r_cons, ref_n_note)
+    calm_note = "per call, independent of T"
+    add("calm interpolate (fused)", t_calm["interpolate"], 4 * N + 4 * N * b, r_calm["interpolate"], ref_n_note,
+        note=calm_note)
+    add("calm accumulate (one batch)", t_calm["accumulate"], 8 * N + 3 * N * b, r_calm["accumulate"], ref_n_note,
+        note=calm_note)
+    add("calm mask step + theta rewrite", t_calm["step"], 16 * N + 4 * N * b, r_calm["step"], ref_n_note,
+        note=calm_note)
+    add("calm binarize merge", t_calm["binarize"], 4 * N + 3 * N * b, r_calm["binarize"], ref_n_note, note=calm_note)
     return {"machine": machine_info(device), "copy_bandwidth_GBps": bw, "rows": rows,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "args": vars(args)}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import calm_fast
-from calm_fast import reference, selection
+from calm_fast import ops, reference, selection
 
 N = int(os.environ.get("CALM_FAST_BENCH_N", 4_000_000))
 T = int(os.environ.get("CALM_FAST_BENCH_T", 8))
@@ -85,3 +85,77 @@ def test_consensus_reference(benchmark, data):
 def test_dare_calm_fast(benchmark, data):
     _, base, tvs = data
     benchmark(calm_fast.dare_merging, base, tvs, 0.5, 0.3)
+
+
+# ------------------------------------------------------------------------------------------------
+# CALM mask training (per iteration: interpolate once, accumulate per batch, one mask step).  fp32 R and
+# A; base, taus and grads in CALM_FAST_BENCH_DTYPE.  Independent of T.
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def calm_data():
+    g = torch.Generator().manual_seed(1)
+    sizes = [N // 4] * 4
+
+    def lst(scale, dtype=DTYPE):
+        return [(torch.randn(s, generator=g) * scale).to(dtype) for s in sizes]
+
+    R = [torch.where(torch.rand(s, generator=g) < 1e-3, 5.0, -5.0) for s in sizes]
+    return dict(R=R, A=lst(1.0, torch.float32), base=lst(1.0), prev=lst(1e-3), new=lst(1e-3), grad=lst(1e-6),
+                theta=[torch.empty(s, dtype=DTYPE) for s in sizes])
+
+
+def _fresh(xs):
+    return [x.clone() for x in xs]
+
+
+@pytest.mark.benchmark(group="calm: interpolate (fused)")
+def test_calm_interpolate_calm_fast(benchmark, calm_data):
+    d = calm_data
+    benchmark(ops.calm_interpolate, d["base"], d["prev"], d["new"], d["R"], "fused")
+
+
+@pytest.mark.benchmark(group="calm: interpolate (fused)")
+def test_calm_interpolate_reference(benchmark, calm_data):
+    d = calm_data
+    benchmark(reference.ReferenceOps.calm_interpolate, d["base"], d["prev"], d["new"], d["R"], "fused", False)
+
+
+@pytest.mark.benchmark(group="calm: accumulate one batch")
+def test_calm_accumulate_calm_fast(benchmark, calm_data):
+    d = calm_data
+    A = _fresh(d["A"])
+    benchmark(ops.calm_accumulate_, A, d["grad"], d["prev"], d["new"], 1e7)
+
+
+@pytest.mark.benchmark(group="calm: accumulate one batch")
+def test_calm_accumulate_reference(benchmark, calm_data):
+    d = calm_data
+    A = _fresh(d["A"])
+    benchmark(reference.ReferenceOps.calm_accumulate_, A, d["grad"], d["prev"], d["new"], 1e7, False)
+
+
+@pytest.mark.benchmark(group="calm: mask step + theta rewrite")
+def test_calm_mask_step_calm_fast(benchmark, calm_data):
+    d = calm_data
+    R, A = _fresh(d["R"]), _fresh(d["A"])  # A is zeroed by the first round: later rounds step with A = 0
+    benchmark(ops.calm_mask_step_, R, A, 1.0, False, d["theta"], d["base"], d["prev"], d["new"])
+
+
+@pytest.mark.benchmark(group="calm: mask step + theta rewrite")
+def test_calm_mask_step_reference(benchmark, calm_data):
+    d = calm_data
+    R, A = _fresh(d["R"]), _fresh(d["A"])
+    benchmark(reference.ReferenceOps.calm_mask_step_, R, A, 1.0, False, d["theta"], d["base"], d["prev"], d["new"],
+              "fused")
+
+
+@pytest.mark.benchmark(group="calm: binarize merge")
+def test_calm_binarize_calm_fast(benchmark, calm_data):
+    d = calm_data
+    benchmark(ops.calm_binarize_merge, d["prev"], d["new"], d["R"])
+
+
+@pytest.mark.benchmark(group="calm: binarize merge")
+def test_calm_binarize_reference(benchmark, calm_data):
+    d = calm_data
+    benchmark(reference.ReferenceOps.calm_binarize_merge, d["prev"], d["new"], d["R"])

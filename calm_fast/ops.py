@@ -217,6 +217,100 @@ def pack_mask(mask: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# CALM mask training (ALGORITHMS.md §8).  Lists of L tensors matched element by element with the mask
+# logits R (float32, any shapes); each other list holds L tensors of R's shapes, one dtype per list
+# (float32, bfloat16 or float16; A float32).  sigma is calm_fast's own fp32 sigmoid (identical bits on
+# CPU and CUDA, within 2 ulp of the exact value); arithmetic is fp32.  Interpolation modes:
+#   "fused"     theta = base + tau_prev + s * (tau_new - tau_prev)        (default; one rounding less)
+#   "faithful"  theta = base + (1 - s) * tau_prev + s * tau_new            (the official code's order)
+#   "round"     theta = base + (tau_new if m else tau_prev), m = round(s)  (binarised model, §8.6-8.7)
+# with s = sigma(R) and m = round(s) half to even, i.e. m = 1 iff s > 0.5 (R > 8.94e-8).  NaN and inf
+# propagate by IEEE rules, as in the reference formulas (no checks, no counts).  The wrappers accept
+# empty lists (L = 0); the raw ops need at least one tensor for the dispatcher to pick a device.
+# ---------------------------------------------------------------------------------------------
+CALM_MODES = ("fused", "faithful", "round")
+
+
+def _dense(xs: Optional[Sequence[Tensor]]) -> list:
+    """A read-only operand list, made contiguous (a no-op for the usual contiguous tensors)."""
+    return [x.contiguous() for x in xs] if xs else []
+
+
+def calm_interpolate(
+    base: Optional[Sequence[Tensor]],
+    tau_prev: Sequence[Tensor],
+    tau_new: Sequence[Tensor],
+    R: Sequence[Tensor],
+    mode: str = "fused",
+    out_float: bool = False,
+) -> list:
+    """The interpolated model of CALM for every tensor l (mode: see ``CALM_MODES`` above).
+
+    ``base`` (theta_0) may be ``None``: the result is then the interpolated task vector.  Output dtype:
+    base's (float32 with ``out_float``); without base, the promotion of tau_prev's and tau_new's dtypes.
+    """
+    if not len(R):
+        return []
+    return list(_ops().calm_interpolate(_dense(base), _dense(tau_prev), _dense(tau_new), list(R), str(mode),
+                                        bool(out_float)))
+
+
+def calm_accumulate_(
+    A: Sequence[Tensor],
+    grad: Sequence[Tensor],
+    tau_prev: Sequence[Tensor],
+    tau_new: Sequence[Tensor],
+    eta: float,
+    faithful: bool = False,
+) -> None:
+    """One batch of CALM's gradient accumulation, in place on the float32 accumulators ``A``:
+    ``A += eta * grad * (tau_new - tau_prev)``, or with ``faithful`` the official order
+    ``A += eta * (-grad * tau_prev + grad * tau_new)``.  ``grad`` may be views into one flat buffer."""
+    if not len(A):
+        return
+    _ops().calm_accumulate_(list(A), _dense(grad), _dense(tau_prev), _dense(tau_new), float(eta), bool(faithful))
+
+
+def calm_mask_step_(
+    R: Sequence[Tensor],
+    A: Sequence[Tensor],
+    alpha: float = 1.0,
+    faithful: bool = False,
+    theta: Optional[Sequence[Tensor]] = None,
+    base: Optional[Sequence[Tensor]] = None,
+    tau_prev: Optional[Sequence[Tensor]] = None,
+    tau_new: Optional[Sequence[Tensor]] = None,
+    mode: Optional[str] = None,
+) -> Tensor:
+    """CALM's mask update (§8.5 step 4) in one pass, in place:
+
+    ``d = s (1 - s)``, ``reg = alpha * d`` where ``R > 0`` else ``-alpha * d``;
+    ``R <- (R - A d) + reg`` (``faithful``: ``R - (A d - reg)``, the official grouping); ``A <- 0``;
+    and, when ``theta`` is given, ``theta <- calm_interpolate(base, tau_prev, tau_new, new R, mode)``
+    written into ``theta`` in its own dtype (``mode`` defaults to "faithful" if ``faithful`` else "fused").
+
+    Returns an int64 tensor ``[2]`` on R's device (no host sync): the number of elements whose binary
+    mask round(sigma(R)) is 1 after the step, and the number whose mask changed in this step.
+    """
+    if mode is None:
+        mode = "faithful" if faithful else "fused"
+    if not len(R):
+        return torch.zeros(2, dtype=torch.int64)
+    return _ops().calm_mask_step_(list(R), list(A), float(alpha), bool(faithful), list(theta or []), _dense(base),
+                                  _dense(tau_prev), _dense(tau_new), str(mode))
+
+
+def calm_binarize_merge(tau_prev: Sequence[Tensor], tau_new: Sequence[Tensor], R: Sequence[Tensor]) -> Tuple[list, int]:
+    """The merged task vector of a CALM step (§8.7): ``tau_new`` where round(sigma(R)) == 1, else ``tau_prev``,
+    exactly (each element is one of the two values, in the promotion of their dtypes).  Returns
+    ``(tau_next, number of elements taken from tau_new)``."""
+    if not len(R):
+        return [], 0
+    out, count = _ops().calm_binarize_merge(_dense(tau_prev), _dense(tau_new), list(R))
+    return list(out), int(count)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck.
 # ---------------------------------------------------------------------------------------------
 def _register_fakes() -> None:
@@ -266,3 +360,31 @@ def _register_fakes() -> None:
             masks = [inputs[i % L].new_empty(((inputs[i % L].numel() + 7) // 8,), dtype=torch.uint8)
                      for i in range(num_tasks * L)]
         return _outs(inputs, num_tasks, out_float), masks, _scalar(inputs)
+
+
+    def _calm_out_dtype(base, tau_prev, tau_new, out_float):
+        if out_float:
+            return torch.float32
+        if base:
+            return base[0].dtype
+        if not tau_prev:
+            return torch.float32
+        return tau_prev[0].dtype if tau_prev[0].dtype == tau_new[0].dtype else torch.float32
+
+    @torch.library.register_fake("calm_fast::calm_interpolate")
+    def _(base, tau_prev, tau_new, R, interp_mode, out_float):
+        dt = _calm_out_dtype(base, tau_prev, tau_new, out_float)
+        return [torch.empty_like(r, dtype=dt) for r in R]
+
+    @torch.library.register_fake("calm_fast::calm_accumulate_")
+    def _(A, grad, tau_prev, tau_new, eta, faithful):
+        return None
+
+    @torch.library.register_fake("calm_fast::calm_mask_step_")
+    def _(R, A, alpha, faithful, theta, base, tau_prev, tau_new, interp_mode):
+        return torch.empty(2, dtype=torch.int64, device=R[0].device if R else torch.device("cpu"))
+
+    @torch.library.register_fake("calm_fast::calm_binarize_merge")
+    def _(tau_prev, tau_new, R):
+        dt = _calm_out_dtype([], tau_prev, tau_new, False)
+        return [torch.empty_like(r, dtype=dt) for r in R], _scalar(R)

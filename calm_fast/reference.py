@@ -93,6 +93,41 @@ def _nonfinite(taus) -> int:
     return int(sum((~torch.isfinite(x)).sum() for row in taus for x in row))
 
 
+# ------------------------------------------------------------------------------------------------
+# CALM (ALGORITHMS.md §8) per-element formulas, written as the official code evaluates them
+# ------------------------------------------------------------------------------------------------
+# The sigmoid of the CALM references.  The kernels use their own fp32 sigmoid (within 2 ulp of this
+# one); tests swap in the native one here to compare the rest of the arithmetic bit for bit.
+calm_sigmoid = torch.sigmoid
+
+_CALM_MODES = ("fused", "faithful", "round")
+
+
+def _calm_mode(mode: str) -> str:
+    if mode not in _CALM_MODES:
+        raise RuntimeError(f"calm: mode must be 'fused', 'faithful' or 'round', got {mode!r}")
+    return mode
+
+
+def _calm_theta(b: Optional[Tensor], p: Tensor, n: Tensor, r: Tensor, mode: str) -> Tensor:
+    """theta in fp32 from fp32 b (or None), tau_prev p, tau_new n and logits r (see calm_fast.ops)."""
+    s = calm_sigmoid(r)
+    if mode == "round":
+        v = torch.where(torch.round(s) == 1, n, p)
+        return v if b is None else b + v
+    if mode == "faithful":
+        return ((b + (1 - s) * p) if b is not None else (1 - s) * p) + s * n
+    return ((b + p) if b is not None else p) + s * (n - p)
+
+
+def _calm_out_dtype(base, tau_prev, tau_new, out_float: bool) -> torch.dtype:
+    if out_float:
+        return torch.float32
+    if base:
+        return base[0].dtype
+    return torch.promote_types(tau_prev[0].dtype, tau_new[0].dtype) if tau_prev else torch.float32
+
+
 class ReferenceOps:
     """Pure-PyTorch versions of the native ops (same arguments and results)."""
 
@@ -240,6 +275,54 @@ class ReferenceOps:
             outs.append(res.to(torch.float32 if out_float else inputs[l].dtype))
         return outs, (masks if return_masks else []), torch.tensor(_nonfinite(taus))
 
+
+    # --- CALM mask training -------------------------------------------------------------------------
+    @staticmethod
+    def calm_interpolate(base, tau_prev, tau_new, R, interp_mode, out_float):
+        mode = _calm_mode(interp_mode)
+        dt = _calm_out_dtype(base, tau_prev, tau_new, out_float)
+        return [_calm_theta(base[l].float() if base else None, tau_prev[l].float(), tau_new[l].float(), r, mode).to(dt)
+                for l, r in enumerate(R)]
+
+    @staticmethod
+    def calm_accumulate_(A, grad, tau_prev, tau_new, eta, faithful):
+        for a, g, p, n in zip(A, grad, tau_prev, tau_new):
+            g, p, n = g.float(), p.float(), n.float()
+            gd = (-g * p + g * n) if faithful else g * (n - p)
+            a.copy_(a + eta * gd)
+
+    @staticmethod
+    def calm_mask_step_(R, A, alpha, faithful, theta, base, tau_prev, tau_new, interp_mode):
+        mode = _calm_mode(interp_mode)
+        on, flips = 0, 0
+        for l, (r, a) in enumerate(zip(R, A)):
+            s = calm_sigmoid(r)
+            d = s * (1 - s)
+            if faithful:
+                rn = r - (a * d - alpha * torch.where(r > 0, d, -d))
+            else:
+                rn = r - a * d + alpha * torch.where(r > 0, 1.0, -1.0) * d
+            m_old = torch.round(s) == 1
+            m_new = torch.round(calm_sigmoid(rn)) == 1
+            on += int(m_new.sum())
+            flips += int((m_old != m_new).sum())
+            r.copy_(rn)
+            a.zero_()
+            if theta:
+                b = base[l].float() if base else None
+                theta[l].copy_(_calm_theta(b, tau_prev[l].float(), tau_new[l].float(), r, mode))
+        dev = R[0].device if R else torch.device("cpu")
+        return torch.tensor([on, flips], dtype=torch.int64, device=dev)
+
+    @staticmethod
+    def calm_binarize_merge(tau_prev, tau_new, R):
+        dt = _calm_out_dtype([], tau_prev, tau_new, False)
+        outs, count = [], 0
+        for p, n, r in zip(tau_prev, tau_new, R):
+            m = torch.round(calm_sigmoid(r)) == 1
+            count += int(m.sum())
+            outs.append(torch.where(m, n.to(dt), p.to(dt)))
+        return outs, torch.tensor(count, dtype=torch.int64)
 
 # ------------------------------------------------------------------------------------------------
 # Method references on state dicts (ALGORITHMS.md §1-§4), the way the public code computes them

@@ -179,4 +179,132 @@ CF_HD bool tall_mask(float tau, float mtl, float lambda_t) {
   return a > lambda_t * b;
 }
 
+// ---------------------------------------------------------------------------------------------
+// CALM mask training (ALGORITHMS.md §8).  Everything below is fp32 with every product, sum and
+// quotient rounded on its own (f_mul / f_add / f_sub / f_div: __f*_rn on the device, plain operators
+// on the host, where the build has -ffp-contract=off), so CPU, CUDA and the emulator agree bit for bit.
+// ---------------------------------------------------------------------------------------------
+CF_HD float f_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CF_HD float f_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+CF_HD float f_sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+CF_HD float f_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// e^y for y <= 0 (and NaN -> NaN), from + - * only: expf / __expf differ between glibc and CUDA in the
+// last bit, which would make sigma, hence R after 100 steps and the binary masks, device-dependent.
+// Branch-free (selects only), so the CPU tile loops can vectorise it.
+//   y = k ln2 + r, k = round(y / ln2), |r| <= ln2 / 2 (Cody-Waite: ln2 = kLn2Hi + kLn2Lo, where kLn2Hi
+//   has 15 significant bits, so k * kLn2Hi is exact for |k| <= 150 and y - k * kLn2Hi is exact by
+//   Sterbenz); e^r = 1 + (r + r^2 q(r)), q the Taylor series of (e^r - 1 - r) / r^2 to degree 6
+//   (truncation < 0.01 ulp); e^y = e^r * 2^(k+64) * 2^-64: the first product is exact, the second
+//   rounds once, also when the result is subnormal.  Below -104 the result rounds to +0 anyway.
+// Accuracy: < 1 ulp in our tests (tests/test_calm_ops.py measures it against fp64).
+CF_HD float calm_exp_nonpos(float y) {
+  const bool nan = !(y == y);
+  float yc = nan ? 0.f : y;  // keep NaN out of the float -> int conversion below
+  yc = yc < -104.f ? -104.f : yc;
+  constexpr float kLog2e = 1.44269502f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound - kRound rounds x to an integer
+  constexpr float kLn2Hi = 0.693145751953125f;
+  constexpr float kLn2Lo = 1.42860682e-6f;
+  const float kf = f_sub(f_add(f_mul(yc, kLog2e), kRound), kRound);  // in [-150, 0]
+  const float r = f_sub(f_sub(yc, f_mul(kf, kLn2Hi)), f_mul(kf, kLn2Lo));
+  float q = 1.f / 40320.f;
+  q = f_add(f_mul(q, r), 1.f / 5040.f);
+  q = f_add(f_mul(q, r), 1.f / 720.f);
+  q = f_add(f_mul(q, r), 1.f / 120.f);
+  q = f_add(f_mul(q, r), 1.f / 24.f);
+  q = f_add(f_mul(q, r), 1.f / 6.f);
+  q = f_add(f_mul(q, r), 0.5f);
+  const float er = f_add(1.f, f_add(r, f_mul(f_mul(r, r), q)));
+  const int k = static_cast<int>(kf);  // exact: kf is an integral float
+  const float scale = bits_float(static_cast<uint32_t>(k + 64 + 127) << 23);  // 2^(k+64), a normal float
+  const float res = f_mul(f_mul(er, scale), bits_float(0x1f800000u));      // * 2^-64
+  return nan ? y : res;
+}
+
+// The logistic sigmoid of the CALM ops (one definition for CPU, CUDA and the emulator).
+//   x >= 0: 1 / (1 + s);  x < 0: s / (1 + s);  s = e^-|x| in (0, 1], so nothing overflows and tiny
+//   results keep their relative accuracy.  The rounding error of d = 1 + s is recovered exactly
+//   (e = s - (d - 1), Fast2Sum since 1 >= s) and removed to first order: num / (d + e) ~= q - q e / d
+//   with q = num / d and 1 / d = q (x >= 0) or 1 - q (x < 0): that takes the worst error from 2.3 to 1.9 ulp.
+//   sigma(+-0) = 0.5 exactly, sigma(+inf) = 1, sigma(-inf) = +0, sigma(NaN) = NaN; subnormal below
+//   x ~ -87.3.  Max error < 2 ulp against fp64 over every 61st float (1.86 ulp; the exp part
+//   < 0.94 ulp); tests/test_calm_ops.py checks the bound.  Not monotone at the ulp level (nor is torch's).
+CF_HD float calm_sigmoid(float x) {
+  const bool neg = x < 0.f;
+  const float s = calm_exp_nonpos(neg ? x : -x);
+  const float d = f_add(1.f, s);
+  const float e = f_sub(s, f_sub(d, 1.f));
+  const float q = f_div(neg ? s : 1.f, d);
+  const float inv_d = neg ? f_sub(1.f, q) : q;
+  return f_sub(q, f_mul(f_mul(q, e), inv_d));
+}
+
+// The binary mask m = round(sigma(R)) of ALGORITHMS.md §8.7, given s = sigma(R): torch.round rounds
+// half to even (P3), and s is in [0, 1], so m = 1 exactly when s > 0.5 (s == 0.5, i.e. R == 0 or tiny,
+// gives 0; NaN gives 0).  With calm_sigmoid that is R > 8.94e-8 (= 1.5 * 2^-24; checked monotone there).
+CF_HD bool calm_mask_on(float s) { return s > 0.5f; }
+
+// Interpolation modes (names in tensor_list.h: "fused", "faithful", "round").
+enum CalmMode : int { kCalmFused = 0, kCalmFaithful = 1, kCalmRound = 2 };
+
+// theta of one element from s = sigma(R):
+//   fused     (b +) p + s (n - p)                    the cheap form, ALGORITHMS.md §8.5 / §8.9
+//   faithful  (b +) (1 - s) p + s n                  the official code's order (§8.8b), left to right
+//   round     (b +) (m ? n : p), m = calm_mask_on(s)  exactly tau_prev or tau_new (§8.7); equal to the
+//             official (1 - m) p + m n except for signed zeros and inf/NaN in the unselected operand
+// b = theta_0 when has_base (added first, as `theta0 + ... ` is evaluated), p = tau_prev, n = tau_new.
+CF_HD float calm_theta(bool has_base, float b, float p, float n, float s, int mode) {
+  if (mode == kCalmRound) {
+    const float v = calm_mask_on(s) ? n : p;
+    return has_base ? f_add(b, v) : v;
+  }
+  if (mode == kCalmFaithful) {
+    const float lo = f_mul(f_sub(1.f, s), p);
+    return f_add(has_base ? f_add(b, lo) : lo, f_mul(s, n));
+  }
+  const float bp = has_base ? f_add(b, p) : p;
+  return f_add(bp, f_mul(s, f_sub(n, p)));
+}
+
+// One batch of the gradient accumulation (§8.5 step 3): A + eta * g * (n - p), or, faithful (§8.8b),
+// A + eta * (-g p + g n).
+CF_HD float calm_accumulate(float a, float g, float p, float n, float eta, bool faithful) {
+  const float gd = faithful ? f_add(f_mul(-g, p), f_mul(g, n)) : f_mul(g, f_sub(n, p));
+  return f_add(a, f_mul(eta, gd));
+}
+
+// The mask-logit update (§8.5 step 4) given s = sigma(r):  d = s (1 - s), reg = +-alpha d (+ iff r > 0,
+// so r == 0 and NaN count as negative);  default (r - a d) + reg,  faithful r - (a d - reg).
+CF_HD float calm_update_logit(float r, float a, float s, float alpha, bool faithful) {
+  const float d = f_mul(s, f_sub(1.f, s));
+  const float ad = f_mul(alpha, d);
+  const float reg = r > 0.f ? ad : -ad;
+  return faithful ? f_sub(r, f_sub(f_mul(a, d), reg)) : f_add(f_sub(r, f_mul(a, d)), reg);
+}
+
 }  // namespace calm_fast

@@ -32,6 +32,23 @@
 //   patch[P, 3] = the fp32 output there for a zero sign of +1, -1 and 0, cancel_count[L], nonfinite).
 // consensus_merge: masks m_t = |tau_t| > tall_lambdas[t] |mtl - tau_t| (mtl = sum_t tau_t unless given),
 //   out = base + alpha * (count(m) >= min_count ? mtl : 0); optional bit-packed per-task masks.
+//
+// CALM mask training (ALGORITHMS.md §8; per-element formulas in common/elementwise.h, calm_*).  Lists of
+// L tensors matched element by element with R (L float32 mask logits, any shapes); every other list
+// has L tensors of R's shapes (or is empty where optional), one dtype per list (float32, bfloat16 or
+// float16; A float32), contiguous, on R's device.  Arithmetic in fp32; sigma is calm_sigmoid (the same
+// bits on every device).  interp_mode: "fused" theta = base + tau_prev + s (tau_new - tau_prev), "faithful"
+// base + (1 - s) tau_prev + s tau_new (the official order), "round" base + (m ? tau_new : tau_prev)
+// with s = sigma(R), m = round(s) (half to even: m = 1 iff s > 0.5).  NaN/inf propagate (no checks).
+// calm_interpolate: theta per interp_mode; base may be empty (then the interpolated task vector).  Output
+//   dtype: base's (float32 with out_float); without base the promotion of tau_prev's and tau_new's.
+// calm_accumulate_: A += eta * g * (tau_new - tau_prev), faithful A += eta * (-g tau_prev + g tau_new).
+// calm_mask_step_: d = s (1 - s); R <- (R - A d) + reg, faithful R - (A d - reg), reg = alpha d if R > 0
+//   else -alpha d; A <- 0; when theta is non-empty, theta <- the interpolation (interp_mode) at the new R, in
+//   theta's dtype (base may be empty; tau_prev and tau_new are then required).  Returns int64 [2]:
+//   (#elements with m = 1 after the step, #elements whose m changed).
+// calm_binarize_merge: tau_next = m ? tau_new : tau_prev exactly (dtype: promotion of the two) and the
+//   int64 count of elements taking tau_new.
 #pragma once
 
 #define CALM_FAST_OP_SCHEMAS(X)                                                                      \
@@ -49,4 +66,11 @@
     "-> (Tensor[], Tensor, Tensor, Tensor, Tensor, Tensor)")                                         \
   X("consensus_merge(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor tall_lambdas, "           \
     "Tensor[] mtl, int min_count, float alpha, bool return_masks, bool out_float) "                  \
-    "-> (Tensor[], Tensor[], Tensor)")
+    "-> (Tensor[], Tensor[], Tensor)")                                                               \
+  X("calm_interpolate(Tensor[] base, Tensor[] tau_prev, Tensor[] tau_new, Tensor[] R, str interp_mode, " \
+    "bool out_float) -> Tensor[]")                                                                   \
+  X("calm_accumulate_(Tensor(a!)[] A, Tensor[] grad, Tensor[] tau_prev, Tensor[] tau_new, float eta, " \
+    "bool faithful) -> ()")                                                                          \
+  X("calm_mask_step_(Tensor(a!)[] R, Tensor(b!)[] A, float alpha, bool faithful, Tensor(c!)[] theta, " \
+    "Tensor[] base, Tensor[] tau_prev, Tensor[] tau_new, str interp_mode) -> Tensor")               \
+  X("calm_binarize_merge(Tensor[] tau_prev, Tensor[] tau_new, Tensor[] R) -> (Tensor[], Tensor)")

@@ -3,11 +3,13 @@
 #pragma once
 
 // The minimal ATen headers (not <ATen/ATen.h>, which declares every op: slower compiles, nvcc above all).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -215,6 +217,108 @@ inline int check_masks(const char* op, at::TensorList masks, const TaskList& tl)
                 " elements, expected ", want, packed ? " packed bytes" : "");
   }
   return packed ? 2 : 1;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CALM ops (csrc/common/schemas.h): lists of L tensors matched element by element with the mask logits
+// R.  Each list has one dtype, passed to the kernels as a code (the CUDA kernels switch on it per
+// tensor, the CPU kernels per tile), so base, taus and grads may each be fp32, bf16 or fp16 without a
+// template instantiation per combination.
+// ---------------------------------------------------------------------------------------------------
+enum DtypeCode : int { kCodeF32 = 0, kCodeBF16 = 1, kCodeF16 = 2 };
+
+inline int dtype_code(at::ScalarType s) {
+  return s == at::kBFloat16 ? kCodeBF16 : (s == at::kHalf ? kCodeF16 : kCodeF32);
+}
+
+struct CalmLists {
+  const char* name = "R";  // the list the others are matched with (R, or A for calm_accumulate_)
+  int64_t L = 0;
+  at::Device device = at::Device(at::kCPU);
+  std::vector<int64_t> numel;  // per tensor l
+  int64_t total = 0;
+};
+
+// R (named `name`): L contiguous float32 tensors on one device.  Fixes L, the shapes and the device.
+inline CalmLists check_calm_logits(const char* op, const char* name, at::TensorList R) {
+  CalmLists cl;
+  cl.name = name;
+  cl.L = static_cast<int64_t>(R.size());
+  if (cl.L > 0) cl.device = R[0].device();
+  cl.numel.resize(cl.L);
+  for (int64_t l = 0; l < cl.L; ++l) {
+    const at::Tensor& x = R[l];
+    TORCH_CHECK(x.defined(), op, ": ", name, "[", l, "] is undefined");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": ", name, "[", l, "] must be float32, got ", x.scalar_type());
+    TORCH_CHECK(x.device() == cl.device, op, ": ", name, "[", l, "] is on ", x.device(), " but ", name, "[0] is on ",
+                cl.device);
+    TORCH_CHECK(x.is_contiguous(), op, ": ", name, "[", l, "] must be contiguous");
+    cl.numel[l] = x.numel();
+    cl.total += x.numel();
+  }
+  return cl;
+}
+
+// Another list: exactly L tensors (or, when not `required`, none), each shaped like R[l] (R: the list
+// check_calm_logits validated, named cl.name in messages), on R's device,
+// contiguous; one dtype for the whole list, float32 only when `fp32_only`.  Returns that dtype (float32
+// for an empty optional list).
+inline at::ScalarType check_calm_list(const char* op, const char* name, at::TensorList xs, at::TensorList R,
+                                      const CalmLists& cl, bool required, bool fp32_only) {
+  if (xs.empty() && !required) return at::kFloat;
+  TORCH_CHECK(static_cast<int64_t>(xs.size()) == cl.L, op, ": ", name, " has ", xs.size(), " tensors but ", cl.name,
+              " has ", cl.L);
+  if (cl.L == 0) return at::kFloat;
+  const at::ScalarType dtype = xs[0].defined() ? xs[0].scalar_type() : at::kFloat;
+  for (int64_t l = 0; l < cl.L; ++l) {
+    const at::Tensor& x = xs[l];
+    TORCH_CHECK(x.defined(), op, ": ", name, "[", l, "] is undefined");
+    if (fp32_only) {
+      TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": ", name, "[", l, "] must be float32, got ", x.scalar_type());
+    } else {
+      TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": ", name, "[", l,
+                  "] must be float32, bfloat16 or float16, got ", x.scalar_type());
+      TORCH_CHECK(x.scalar_type() == dtype, op, ": ", name, "[", l, "] has dtype ", x.scalar_type(), " but ", name,
+                  "[0] has ", dtype, " (one dtype per list)");
+    }
+    TORCH_CHECK(x.device() == cl.device, op, ": ", name, "[", l, "] is on ", x.device(), " but ", cl.name, "[", l,
+                "] is on ", cl.device);
+    TORCH_CHECK(x.is_contiguous(), op, ": ", name, "[", l, "] must be contiguous");
+    TORCH_CHECK(x.sizes().equals(R[l].sizes()), op, ": ", name, "[", l, "] has shape ", x.sizes(), " but ", cl.name,
+                "[", l, "] has shape ", R[l].sizes());
+  }
+  return dtype;
+}
+
+// A list written in place must not share memory with tensor l of another operand (the kernels read
+// and write element by element, so aliasing would silently mix old and new values).
+inline void check_calm_no_alias(const char* op, const char* name, at::TensorList out,
+                                std::initializer_list<std::pair<const char*, at::TensorList>> others) {
+  for (const auto& other : others) {
+    if (other.second.empty()) continue;
+    for (size_t l = 0; l < out.size() && l < other.second.size(); ++l) {
+      const at::MemOverlapStatus st = at::get_overlap_status(out[l], other.second[l]);
+      TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, op, ": ", name, "[", l,
+                  "] shares memory with ", other.first, "[", l, "]");
+    }
+  }
+}
+
+inline int calm_mode_code(const char* op, const std::string& mode) {
+  if (mode == "fused") return kCalmFused;
+  if (mode == "faithful") return kCalmFaithful;
+  if (mode == "round") return kCalmRound;
+  TORCH_CHECK(false, op, ": mode must be 'fused', 'faithful' or 'round', got '", mode, "'");
+  return -1;
+}
+
+// Output dtype of calm_interpolate / calm_binarize_merge: base's (float32 with out_float), else the
+// promotion of the two task-vector dtypes (bf16 with fp16 gives float32), so tau values stay exact.
+inline at::ScalarType calm_out_dtype(bool has_base, at::ScalarType base, at::ScalarType prev, at::ScalarType next,
+                                     bool out_float) {
+  if (out_float) return at::kFloat;
+  if (has_base) return base;
+  return prev == next ? prev : at::kFloat;
 }
 
 }  // namespace calm_fast

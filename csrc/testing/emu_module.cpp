@@ -31,5 +31,6 @@ TORCH_LIBRARY_IMPL(calm_fast_emu, CompositeExplicitAutograd, m) {
 // Each ends with CF_CUDA_LIBRARY_IMPL(m), i.e. TORCH_LIBRARY_IMPL(calm_fast_emu, CPU, m) here.
 #include "cuda/selection.cu"
 #include "cuda/merge.cu"
+#include "cuda/calm.cu"
 
 CALM_FAST_PY_MODULE(_C_emu)
