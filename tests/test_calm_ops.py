@@ -85,10 +85,17 @@ def assert_same_list(got, want, what):
         assert_same(a, b, f"{what}[{i}]")
 
 
+def _kernel_sigmoid(x):
+    """The native ops' sigmoid, straight from the CPU op (as calm_ops.sigmoid, but never through the
+    wrappers, which a test may point at the reference)."""
+    r = x.float().contiguous()
+    return C.calm_interpolate([], [torch.zeros_like(r)], [torch.ones_like(r)], [r], "fused", True)[0]
+
+
 @pytest.fixture
 def native_sigmoid(monkeypatch):
     """Run the references with the kernels' sigmoid (for the bit-exact comparisons)."""
-    monkeypatch.setattr(reference, "calm_sigmoid", calm_ops.sigmoid)
+    monkeypatch.setattr(reference, "calm_sigmoid", _kernel_sigmoid)
 
 
 # Lists: empty and 1-element tensors, odd sizes, a 2-D one, one past a 64K work unit, mixed sizes.
@@ -673,3 +680,30 @@ def test_native_sigmoid_helper_equals_kernel_values():
     assert torch.equal(out[0], torch.round(s))
     assert torch.equal(C.calm_interpolate([], [torch.zeros(10000)], [torch.ones(10000)], [r], "faithful", False)[0],
                        (1 - s) * 0 + s * 1)
+
+
+def test_wrappers_on_the_reference_backend(monkeypatch, native_sigmoid):
+    """The typed wrappers give the same results through the pure-PyTorch fallback (CALM_FAST_FALLBACK)."""
+    g = _g(41)
+    sizes = [1000, (7, 9)]
+    R, A = make_logits(g, sizes), [torch.randn(_shape(s), generator=g) for s in sizes]
+    base = make_list(g, sizes, torch.bfloat16, 1.0)
+    prev, new, grad = make_list(g, sizes, torch.float32), make_list(g, sizes, torch.float32), \
+        make_list(g, sizes, torch.float32, 1e-4)
+
+    def run():
+        Rc, Ac, th = _clone(R), _clone(A), [torch.empty(_shape(s), dtype=torch.bfloat16) for s in sizes]
+        interp = ops.calm_interpolate(base, prev, new, Rc, "faithful")
+        ops.calm_accumulate_(Ac, grad, prev, new, 1e7, faithful=True)
+        counts = ops.calm_mask_step_(Rc, Ac, 1.0, True, theta=th, base=base, tau_prev=prev, tau_new=new)
+        sel, n = ops.calm_binarize_merge(prev, new, Rc)
+        return interp, Rc, Ac, th, counts, sel, n
+
+    native = run()
+    monkeypatch.setattr(ops, "_ops", lambda: REF)
+    ref = run()
+    for i, what in enumerate(["interp", "R", "A", "theta"]):
+        assert_same_list(ref[i], native[i], what)
+    assert_same(ref[4], native[4], "counts")
+    assert_same_list(ref[5], native[5], "binarized")
+    assert ref[6] == native[6]

@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/elementwise.h"
@@ -102,29 +103,48 @@ __device__ __forceinline__ void block_add_i64(int64_t v, int64_t* dst, int64_t* 
 // Scalars and dtype codes of a launch (code[k] describes the list in table slot k; slots per kernel below).
 struct Args {
   int code[kSlots];
-  int mode;        // CalmMode
   bool has_base;   // slot of the base is non-null
   bool faithful;
-  bool rewrite;    // calm_mask_step_: theta is given
   float scalar;    // eta (accumulate) or alpha (mask step)
   int64_t* counts; // [2] (mask step) or [1] (binarize), else null
 };
 
+// Compile time.  With their element loop unrolled 4x (as in merge.cu), the sigmoid-heavy kernels made
+// NVVM spend minutes per architecture: > 10 min for interpolate with a runtime mode, 135 s for one
+// mask-step instantiation even with the mode a constant (measured, sm_90 alone).  So the interpolation
+// mode is a template parameter and the interpolate / mask-step loops are not unrolled (12-15 s).  The
+// unroll is not needed for memory-level parallelism there: each element already issues 3-6 independent
+// loads (R, A, base, taus).  accumulate and binarize keep the unroll (they compile in seconds).
+// kNoTheta: calm_mask_step_ without the theta rewrite.
+constexpr int kNoTheta = -1;
+
+// Calls body(std::integral_constant<int, kMode>{}) for a runtime mode (CalmMode, or kNoTheta).
+template <class Body>
+void dispatch_mode(int mode, const Body& body) {
+  switch (mode) {
+    case kCalmFused: body(std::integral_constant<int, kCalmFused>{}); break;
+    case kCalmFaithful: body(std::integral_constant<int, kCalmFaithful>{}); break;
+    case kCalmRound: body(std::integral_constant<int, kCalmRound>{}); break;
+    default: body(std::integral_constant<int, kNoTheta>{}); break;
+  }
+}
+
 // --------------------------------------------------------------------------------------------------
 // calm_interpolate: slots base, tau_prev, tau_new, R, out
 // --------------------------------------------------------------------------------------------------
+template <int kMode>
 __global__ void __launch_bounds__(kThreads) interpolate_kernel(Table tab, int64_t L, int64_t chunks, Args a) {
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
     const Chunk ch = chunk_of(tab, L, c);
     const int64_t pb = tab.ptr[0][ch.l], pp = tab.ptr[1][ch.l], pn = tab.ptr[2][ch.l], pr = tab.ptr[3][ch.l],
                   po = tab.ptr[4][ch.l];
-#pragma unroll
+#pragma unroll 1  // see "Compile time" above
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t i = ch.begin + int64_t{j} * blockDim.x + threadIdx.x;
       if (i >= ch.end) continue;
       const float s = calm_sigmoid(as_ptr<const float>(pr)[i]);
       const float b = a.has_base ? load_any(pb, a.code[0], i) : 0.f;
-      const float v = calm_theta(a.has_base, b, load_any(pp, a.code[1], i), load_any(pn, a.code[2], i), s, a.mode);
+      const float v = calm_theta(a.has_base, b, load_any(pp, a.code[1], i), load_any(pn, a.code[2], i), s, kMode);
       store_any(po, a.code[4], i, v);
     }
   }
@@ -151,6 +171,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(Table tab, int64_t
 // --------------------------------------------------------------------------------------------------
 // calm_mask_step_: slots R, A, theta, base, tau_prev, tau_new
 // --------------------------------------------------------------------------------------------------
+template <int kMode>  // an interpolation mode, or kNoTheta
 __global__ void __launch_bounds__(kThreads) mask_step_kernel(Table tab, int64_t L, int64_t chunks, Args a) {
   __shared__ int64_t scratch[kBlockScratch];
   int64_t on = 0, flips = 0;
@@ -159,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) mask_step_kernel(Table tab, int64_t 
     float* R = as_ptr<float>(tab.ptr[0][ch.l]);
     float* A = as_ptr<float>(tab.ptr[1][ch.l]);
     const int64_t pt = tab.ptr[2][ch.l], pb = tab.ptr[3][ch.l], pp = tab.ptr[4][ch.l], pn = tab.ptr[5][ch.l];
-#pragma unroll
+#pragma unroll 1  // see "Compile time" above
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t i = ch.begin + int64_t{j} * blockDim.x + threadIdx.x;
       if (i >= ch.end) continue;
@@ -171,10 +192,10 @@ __global__ void __launch_bounds__(kThreads) mask_step_kernel(Table tab, int64_t 
       A[i] = 0.f;
       on += calm_mask_on(sn);
       flips += calm_mask_on(sn) != calm_mask_on(s);
-      if (a.rewrite) {
+      if (kMode != kNoTheta) {
         const float b = a.has_base ? load_any(pb, a.code[3], i) : 0.f;
         store_any(pt, a.code[2], i,
-                  calm_theta(a.has_base, b, load_any(pp, a.code[4], i), load_any(pn, a.code[5], i), sn, a.mode));
+                  calm_theta(a.has_base, b, load_any(pp, a.code[4], i), load_any(pn, a.code[5], i), sn, kMode));
       }
     }
   }
@@ -271,11 +292,16 @@ std::vector<at::Tensor> calm_interpolate_cuda(at::TensorList base, at::TensorLis
   CF_DEVICE_GUARD(cl.device.index());
   const DeviceTable table = make_table(cl, {base, tau_prev, tau_new, R, out});
   Args a = make_args({base, tau_prev, tau_new, R, out});
-  a.mode = mode_code;
   a.has_base = !base.empty();
   const int device = cl.device.index();
-  CF_LAUNCH(interpolate_kernel, grid_for(table.chunks, device), kThreads, 0, cf_current_stream(device), table.tab,
-            cl.L, table.chunks, a);
+  dispatch_mode(mode_code, [&](auto mode_c) {
+    constexpr int kMode = decltype(mode_c)::value;
+    if constexpr (kMode != kNoTheta) {
+      auto kernel = interpolate_kernel<kMode>;
+      CF_LAUNCH(kernel, grid_for(table.chunks, device), kThreads, 0, cf_current_stream(device), table.tab, cl.L,
+                table.chunks, a);
+    }
+  });
   return out;
 }
 
@@ -321,15 +347,16 @@ at::Tensor calm_mask_step_cuda(at::TensorList R, at::TensorList A, double alpha,
   CF_DEVICE_GUARD(cl.device.index());
   const DeviceTable table = make_table(cl, {R, A, theta, base, tau_prev, tau_new});
   Args a = make_args({R, A, theta, base, tau_prev, tau_new});
-  a.mode = mode_code;
   a.has_base = !base.empty();
   a.faithful = faithful;
-  a.rewrite = rewrite;
   a.scalar = static_cast<float>(alpha);
   a.counts = counts.data_ptr<int64_t>();
   const int device = cl.device.index();
-  CF_LAUNCH(mask_step_kernel, grid_for(table.chunks, device), kThreads, 0, cf_current_stream(device), table.tab,
-            cl.L, table.chunks, a);
+  dispatch_mode(rewrite ? mode_code : kNoTheta, [&](auto mode_c) {
+    auto kernel = mask_step_kernel<decltype(mode_c)::value>;
+    CF_LAUNCH(kernel, grid_for(table.chunks, device), kThreads, 0, cf_current_stream(device), table.tab, cl.L,
+              table.chunks, a);
+  });
   return counts;
 }
 
