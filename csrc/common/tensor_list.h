@@ -321,4 +321,82 @@ inline at::ScalarType calm_out_dtype(bool has_base, at::ScalarType base, at::Sca
   return prev == next ? prev : at::kFloat;
 }
 
+// Outputs shaped like the logits R (fp32 R; `dtype` by the op's rule), with the huge-page hint on CPU.
+inline std::vector<at::Tensor> alloc_like_logits(at::TensorList R, at::ScalarType dtype) {
+  std::vector<at::Tensor> out;
+  out.reserve(R.size());
+  for (const at::Tensor& r : R) {
+    out.push_back(at::empty(r.sizes(), r.options().dtype(dtype)));
+    advise_huge_pages(out.back());
+  }
+  return out;
+}
+
+// The argument checks of each CALM op, one copy for the CPU and the CUDA kernels.
+struct CalmInterpolateArgs {
+  CalmLists cl;
+  int mode;
+  std::vector<at::Tensor> out;
+};
+
+inline CalmInterpolateArgs check_calm_interpolate(const char* op, at::TensorList base, at::TensorList tau_prev,
+                                                  at::TensorList tau_new, at::TensorList R, const std::string& mode,
+                                                  bool out_float) {
+  const CalmLists cl = check_calm_logits(op, "R", R);
+  const int mode_code = calm_mode_code(op, mode);
+  const at::ScalarType bt = check_calm_list(op, "base", base, R, cl, false, false);
+  const at::ScalarType pt = check_calm_list(op, "tau_prev", tau_prev, R, cl, true, false);
+  const at::ScalarType nt = check_calm_list(op, "tau_new", tau_new, R, cl, true, false);
+  return {cl, mode_code, alloc_like_logits(R, calm_out_dtype(!base.empty(), bt, pt, nt, out_float))};
+}
+
+inline CalmLists check_calm_accumulate(const char* op, at::TensorList A, at::TensorList grad, at::TensorList tau_prev,
+                                       at::TensorList tau_new) {
+  const CalmLists cl = check_calm_logits(op, "A", A);
+  check_calm_list(op, "grad", grad, A, cl, true, false);
+  check_calm_list(op, "tau_prev", tau_prev, A, cl, true, false);
+  check_calm_list(op, "tau_new", tau_new, A, cl, true, false);
+  check_calm_no_alias(op, "A", A, {{"grad", grad}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
+  return cl;
+}
+
+struct CalmStepArgs {
+  CalmLists cl;
+  int mode;
+  bool rewrite;  // theta is rewritten in the same pass
+};
+
+inline CalmStepArgs check_calm_mask_step(const char* op, at::TensorList R, at::TensorList A, at::TensorList theta,
+                                         at::TensorList base, at::TensorList tau_prev, at::TensorList tau_new,
+                                         const std::string& mode) {
+  const CalmLists cl = check_calm_logits(op, "R", R);
+  const int mode_code = calm_mode_code(op, mode);
+  check_calm_list(op, "A", A, R, cl, true, true);
+  const bool rewrite = !theta.empty();
+  check_calm_list(op, "theta", theta, R, cl, false, false);
+  check_calm_list(op, "base", base, R, cl, false, false);
+  check_calm_list(op, "tau_prev", tau_prev, R, cl, rewrite, false);
+  check_calm_list(op, "tau_new", tau_new, R, cl, rewrite, false);
+  TORCH_CHECK(rewrite || (base.empty() && tau_prev.empty() && tau_new.empty()), op,
+              ": base / tau_prev / tau_new are only used to rewrite theta, but theta is empty");
+  check_calm_no_alias(op, "R", R, {{"A", A}, {"theta", theta}, {"base", base}, {"tau_prev", tau_prev},
+                                    {"tau_new", tau_new}});
+  check_calm_no_alias(op, "A", A, {{"theta", theta}, {"base", base}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
+  check_calm_no_alias(op, "theta", theta, {{"base", base}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
+  return {cl, mode_code, rewrite};
+}
+
+struct CalmBinarizeArgs {
+  CalmLists cl;
+  std::vector<at::Tensor> out;
+};
+
+inline CalmBinarizeArgs check_calm_binarize(const char* op, at::TensorList tau_prev, at::TensorList tau_new,
+                                            at::TensorList R) {
+  const CalmLists cl = check_calm_logits(op, "R", R);
+  const at::ScalarType pt = check_calm_list(op, "tau_prev", tau_prev, R, cl, true, false);
+  const at::ScalarType nt = check_calm_list(op, "tau_new", tau_new, R, cl, true, false);
+  return {cl, alloc_like_logits(R, calm_out_dtype(false, pt, pt, nt, false))};
+}
+
 }  // namespace calm_fast

@@ -95,15 +95,6 @@ void sigmoid_tile(int64_t n, const float* r, float* s) {
   for (int64_t j = 0; j < n; ++j) s[j] = calm_sigmoid(r[j]);
 }
 
-std::vector<at::Tensor> alloc_like_logits(at::TensorList R, at::ScalarType dtype) {
-  std::vector<at::Tensor> out;
-  out.reserve(R.size());
-  for (const at::Tensor& r : R) {
-    out.push_back(at::empty(r.sizes(), r.options().dtype(dtype)));
-    advise_huge_pages(out.back());
-  }
-  return out;
-}
 
 // --------------------------------------------------------------------------------------------------
 // calm_interpolate
@@ -111,12 +102,10 @@ std::vector<at::Tensor> alloc_like_logits(at::TensorList R, at::ScalarType dtype
 std::vector<at::Tensor> calm_interpolate_cpu(at::TensorList base, at::TensorList tau_prev, at::TensorList tau_new,
                                              at::TensorList R, c10::string_view mode, bool out_float) {
   constexpr const char* op = "calm_fast.calm_interpolate";
-  const CalmLists cl = check_calm_logits(op, "R", R);
-  const int mode_code = calm_mode_code(op, std::string(mode));
-  const at::ScalarType bt = check_calm_list(op, "base", base, R, cl, false, false);
-  const at::ScalarType pt = check_calm_list(op, "tau_prev", tau_prev, R, cl, true, false);
-  const at::ScalarType nt = check_calm_list(op, "tau_new", tau_new, R, cl, true, false);
-  std::vector<at::Tensor> out = alloc_like_logits(R, calm_out_dtype(!base.empty(), bt, pt, nt, out_float));
+  CalmInterpolateArgs args = check_calm_interpolate(op, base, tau_prev, tau_new, R, std::string(mode), out_float);
+  const CalmLists& cl = args.cl;
+  const int mode_code = args.mode;
+  std::vector<at::Tensor> out = std::move(args.out);
   const ListPtrs b = list_ptrs(base), p = list_ptrs(tau_prev), q = list_ptrs(tau_new), o = list_ptrs(out);
   const std::vector<Unit> units = calm_units(cl);
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
@@ -150,11 +139,7 @@ void accumulate_loop(int64_t n, float* a, const float* g, const float* p, const 
 void calm_accumulate_cpu(at::TensorList A, at::TensorList grad, at::TensorList tau_prev, at::TensorList tau_new,
                          double eta, bool faithful) {
   constexpr const char* op = "calm_fast.calm_accumulate_";
-  const CalmLists cl = check_calm_logits(op, "A", A);
-  check_calm_list(op, "grad", grad, A, cl, true, false);
-  check_calm_list(op, "tau_prev", tau_prev, A, cl, true, false);
-  check_calm_list(op, "tau_new", tau_new, A, cl, true, false);
-  check_calm_no_alias(op, "A", A, {{"grad", grad}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
+  const CalmLists cl = check_calm_accumulate(op, A, grad, tau_prev, tau_new);
   const ListPtrs g = list_ptrs(grad), p = list_ptrs(tau_prev), q = list_ptrs(tau_new);
   const float eta_f = static_cast<float>(eta);
   const std::vector<Unit> units = calm_units(cl);
@@ -204,20 +189,10 @@ at::Tensor calm_mask_step_cpu(at::TensorList R, at::TensorList A, double alpha, 
                               at::TensorList base, at::TensorList tau_prev, at::TensorList tau_new,
                               c10::string_view mode) {
   constexpr const char* op = "calm_fast.calm_mask_step_";
-  const CalmLists cl = check_calm_logits(op, "R", R);
-  const int mode_code = calm_mode_code(op, std::string(mode));
-  check_calm_list(op, "A", A, R, cl, true, true);
-  const bool rewrite = !theta.empty();
-  check_calm_list(op, "theta", theta, R, cl, false, false);
-  check_calm_list(op, "base", base, R, cl, false, false);
-  check_calm_list(op, "tau_prev", tau_prev, R, cl, rewrite, false);
-  check_calm_list(op, "tau_new", tau_new, R, cl, rewrite, false);
-  TORCH_CHECK(rewrite || (base.empty() && tau_prev.empty() && tau_new.empty()), op,
-              ": base / tau_prev / tau_new are only used to rewrite theta, but theta is empty");
-  check_calm_no_alias(op, "R", R, {{"A", A}, {"theta", theta}, {"base", base}, {"tau_prev", tau_prev},
-                                    {"tau_new", tau_new}});
-  check_calm_no_alias(op, "A", A, {{"theta", theta}, {"base", base}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
-  check_calm_no_alias(op, "theta", theta, {{"base", base}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
+  const CalmStepArgs args = check_calm_mask_step(op, R, A, theta, base, tau_prev, tau_new, std::string(mode));
+  const CalmLists& cl = args.cl;
+  const int mode_code = args.mode;
+  const bool rewrite = args.rewrite;
   const ListPtrs th = list_ptrs(theta), b = list_ptrs(base), p = list_ptrs(tau_prev), q = list_ptrs(tau_new);
   const float alpha_f = static_cast<float>(alpha);
   const std::vector<Unit> units = calm_units(cl);
@@ -260,10 +235,9 @@ at::Tensor calm_mask_step_cpu(at::TensorList R, at::TensorList A, double alpha, 
 std::tuple<std::vector<at::Tensor>, at::Tensor> calm_binarize_merge_cpu(at::TensorList tau_prev,
                                                                         at::TensorList tau_new, at::TensorList R) {
   constexpr const char* op = "calm_fast.calm_binarize_merge";
-  const CalmLists cl = check_calm_logits(op, "R", R);
-  const at::ScalarType pt = check_calm_list(op, "tau_prev", tau_prev, R, cl, true, false);
-  const at::ScalarType nt = check_calm_list(op, "tau_new", tau_new, R, cl, true, false);
-  std::vector<at::Tensor> out = alloc_like_logits(R, calm_out_dtype(false, pt, pt, nt, false));
+  CalmBinarizeArgs args = check_calm_binarize(op, tau_prev, tau_new, R);
+  const CalmLists& cl = args.cl;
+  std::vector<at::Tensor> out = std::move(args.out);
   const ListPtrs p = list_ptrs(tau_prev), q = list_ptrs(tau_new), o = list_ptrs(out);
   const std::vector<Unit> units = calm_units(cl);
   std::atomic<int64_t> taken{0};

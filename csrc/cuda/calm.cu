@@ -61,24 +61,6 @@ struct Table {
   const int64_t* start;  // [L+1] first chunk of tensor l
 };
 
-struct Chunk {
-  int64_t l, begin, end;
-};
-
-// The tensor holding chunk c is the last l with start[l] <= c (empty tensors own no chunk).
-__device__ __forceinline__ Chunk chunk_of(const Table& tab, int64_t L, int64_t c) {
-  int64_t lo = 0, hi = L - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (tab.start[mid] <= c) lo = mid; else hi = mid - 1;
-  }
-  Chunk ch;
-  ch.l = lo;
-  ch.begin = (c - tab.start[lo]) * kChunk;
-  ch.end = std::min(tab.numel[lo], ch.begin + kChunk);
-  return ch;
-}
-
 __device__ __forceinline__ float load_any(int64_t p, int code, int64_t i) {
   if (code == kCodeBF16) return static_cast<float>(as_ptr<const c10::BFloat16>(p)[i]);
   if (code == kCodeF16) return static_cast<float>(as_ptr<const c10::Half>(p)[i]);
@@ -135,7 +117,7 @@ void dispatch_mode(int mode, const Body& body) {
 template <int kMode>
 __global__ void __launch_bounds__(kThreads) interpolate_kernel(Table tab, int64_t L, int64_t chunks, Args a) {
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const Chunk ch = chunk_of(tab, L, c);
+    const Chunk ch = chunk_of(tab, L, c, kChunk);
     const int64_t pb = tab.ptr[0][ch.l], pp = tab.ptr[1][ch.l], pn = tab.ptr[2][ch.l], pr = tab.ptr[3][ch.l],
                   po = tab.ptr[4][ch.l];
 #pragma unroll 1  // see "Compile time" above
@@ -155,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) interpolate_kernel(Table tab, int64_
 // --------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(Table tab, int64_t L, int64_t chunks, Args a) {
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const Chunk ch = chunk_of(tab, L, c);
+    const Chunk ch = chunk_of(tab, L, c, kChunk);
     float* A = as_ptr<float>(tab.ptr[0][ch.l]);
     const int64_t pg = tab.ptr[1][ch.l], pp = tab.ptr[2][ch.l], pn = tab.ptr[3][ch.l];
 #pragma unroll
@@ -176,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) mask_step_kernel(Table tab, int64_t 
   __shared__ int64_t scratch[kBlockScratch];
   int64_t on = 0, flips = 0;
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const Chunk ch = chunk_of(tab, L, c);
+    const Chunk ch = chunk_of(tab, L, c, kChunk);
     float* R = as_ptr<float>(tab.ptr[0][ch.l]);
     float* A = as_ptr<float>(tab.ptr[1][ch.l]);
     const int64_t pt = tab.ptr[2][ch.l], pb = tab.ptr[3][ch.l], pp = tab.ptr[4][ch.l], pn = tab.ptr[5][ch.l];
@@ -210,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) binarize_kernel(Table tab, int64_t L
   __shared__ int64_t scratch[kBlockScratch];
   int64_t taken = 0;
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const Chunk ch = chunk_of(tab, L, c);
+    const Chunk ch = chunk_of(tab, L, c, kChunk);
     const int64_t pp = tab.ptr[0][ch.l], pn = tab.ptr[1][ch.l], pr = tab.ptr[2][ch.l], po = tab.ptr[3][ch.l];
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
@@ -272,22 +254,14 @@ inline Args make_args(std::initializer_list<at::TensorList> lists) {
   return a;
 }
 
-inline std::vector<at::Tensor> alloc_like_logits(at::TensorList R, at::ScalarType dtype) {
-  std::vector<at::Tensor> out;
-  out.reserve(R.size());
-  for (const at::Tensor& r : R) out.push_back(at::empty(r.sizes(), r.options().dtype(dtype)));
-  return out;
-}
 
 std::vector<at::Tensor> calm_interpolate_cuda(at::TensorList base, at::TensorList tau_prev, at::TensorList tau_new,
                                               at::TensorList R, c10::string_view mode, bool out_float) {
   constexpr const char* op = "calm_fast.calm_interpolate";
-  const CalmLists cl = check_calm_logits(op, "R", R);
-  const int mode_code = calm_mode_code(op, std::string(mode));
-  const at::ScalarType bt = check_calm_list(op, "base", base, R, cl, false, false);
-  const at::ScalarType pt = check_calm_list(op, "tau_prev", tau_prev, R, cl, true, false);
-  const at::ScalarType nt = check_calm_list(op, "tau_new", tau_new, R, cl, true, false);
-  std::vector<at::Tensor> out = alloc_like_logits(R, calm_out_dtype(!base.empty(), bt, pt, nt, out_float));
+  CalmInterpolateArgs args = check_calm_interpolate(op, base, tau_prev, tau_new, R, std::string(mode), out_float);
+  const CalmLists& cl = args.cl;
+  const int mode_code = args.mode;
+  std::vector<at::Tensor> out = std::move(args.out);
   if (cl.total == 0) return out;
   CF_DEVICE_GUARD(cl.device.index());
   const DeviceTable table = make_table(cl, {base, tau_prev, tau_new, R, out});
@@ -308,11 +282,7 @@ std::vector<at::Tensor> calm_interpolate_cuda(at::TensorList base, at::TensorLis
 void calm_accumulate_cuda(at::TensorList A, at::TensorList grad, at::TensorList tau_prev, at::TensorList tau_new,
                           double eta, bool faithful) {
   constexpr const char* op = "calm_fast.calm_accumulate_";
-  const CalmLists cl = check_calm_logits(op, "A", A);
-  check_calm_list(op, "grad", grad, A, cl, true, false);
-  check_calm_list(op, "tau_prev", tau_prev, A, cl, true, false);
-  check_calm_list(op, "tau_new", tau_new, A, cl, true, false);
-  check_calm_no_alias(op, "A", A, {{"grad", grad}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
+  const CalmLists cl = check_calm_accumulate(op, A, grad, tau_prev, tau_new);
   if (cl.total == 0) return;
   CF_DEVICE_GUARD(cl.device.index());
   const DeviceTable table = make_table(cl, {A, grad, tau_prev, tau_new});
@@ -328,20 +298,10 @@ at::Tensor calm_mask_step_cuda(at::TensorList R, at::TensorList A, double alpha,
                                at::TensorList base, at::TensorList tau_prev, at::TensorList tau_new,
                                c10::string_view mode) {
   constexpr const char* op = "calm_fast.calm_mask_step_";
-  const CalmLists cl = check_calm_logits(op, "R", R);
-  const int mode_code = calm_mode_code(op, std::string(mode));
-  check_calm_list(op, "A", A, R, cl, true, true);
-  const bool rewrite = !theta.empty();
-  check_calm_list(op, "theta", theta, R, cl, false, false);
-  check_calm_list(op, "base", base, R, cl, false, false);
-  check_calm_list(op, "tau_prev", tau_prev, R, cl, rewrite, false);
-  check_calm_list(op, "tau_new", tau_new, R, cl, rewrite, false);
-  TORCH_CHECK(rewrite || (base.empty() && tau_prev.empty() && tau_new.empty()), op,
-              ": base / tau_prev / tau_new are only used to rewrite theta, but theta is empty");
-  check_calm_no_alias(op, "R", R, {{"A", A}, {"theta", theta}, {"base", base}, {"tau_prev", tau_prev},
-                                    {"tau_new", tau_new}});
-  check_calm_no_alias(op, "A", A, {{"theta", theta}, {"base", base}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
-  check_calm_no_alias(op, "theta", theta, {{"base", base}, {"tau_prev", tau_prev}, {"tau_new", tau_new}});
+  const CalmStepArgs args = check_calm_mask_step(op, R, A, theta, base, tau_prev, tau_new, std::string(mode));
+  const CalmLists& cl = args.cl;
+  const int mode_code = args.mode;
+  const bool rewrite = args.rewrite;
   at::Tensor counts = at::zeros({2}, at::TensorOptions().dtype(at::kLong).device(cl.device));
   if (cl.total == 0) return counts;
   CF_DEVICE_GUARD(cl.device.index());
@@ -363,10 +323,9 @@ at::Tensor calm_mask_step_cuda(at::TensorList R, at::TensorList A, double alpha,
 std::tuple<std::vector<at::Tensor>, at::Tensor> calm_binarize_merge_cuda(at::TensorList tau_prev,
                                                                          at::TensorList tau_new, at::TensorList R) {
   constexpr const char* op = "calm_fast.calm_binarize_merge";
-  const CalmLists cl = check_calm_logits(op, "R", R);
-  const at::ScalarType pt = check_calm_list(op, "tau_prev", tau_prev, R, cl, true, false);
-  const at::ScalarType nt = check_calm_list(op, "tau_new", tau_new, R, cl, true, false);
-  std::vector<at::Tensor> out = alloc_like_logits(R, calm_out_dtype(false, pt, pt, nt, false));
+  CalmBinarizeArgs args = check_calm_binarize(op, tau_prev, tau_new, R);
+  const CalmLists& cl = args.cl;
+  std::vector<at::Tensor> out = std::move(args.out);
   at::Tensor count = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(cl.device));
   if (cl.total == 0) return {out, count};
   CF_DEVICE_GUARD(cl.device.index());

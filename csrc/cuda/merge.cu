@@ -96,24 +96,6 @@ struct Table {
   const int64_t* start;   // [L+1] first chunk of tensor l (exclusive prefix sum of chunk counts)
 };
 
-struct Chunk {
-  int64_t l, begin, end;
-};
-
-// The tensor holding chunk c is the last l with start[l] <= c (empty tensors own no chunk).
-__device__ __forceinline__ Chunk chunk_of(const Table& tab, int64_t L, int64_t c) {
-  int64_t lo = 0, hi = L - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (tab.start[mid] <= c) lo = mid; else hi = mid - 1;
-  }
-  Chunk ch;
-  ch.l = lo;
-  ch.begin = (c - tab.start[lo]) * kChunk;
-  ch.end = std::min(tab.numel[lo], ch.begin + kChunk);
-  return ch;
-}
-
 // Sums v over the block and adds it to *dst with one atomic (all threads of the block must call).
 // `scratch`: kBlockScratch int64 of shared memory (block_ops.cuh).
 __device__ __forceinline__ void block_add_i64(int64_t v, int64_t* dst, int64_t* scratch) {
@@ -140,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) weighted_kernel(Table tab, int64_t T
   __shared__ int64_t scratch[kBlockScratch];
   int64_t nonfinite = 0;
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const Chunk ch = chunk_of(tab, L, c);
+    const Chunk ch = chunk_of(tab, L, c, kChunk);
     const scalar_t* bs = as_ptr<const scalar_t>(tab.base[ch.l]);
     int64_t idx[kPerThread];
     bool valid[kPerThread];
@@ -227,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) ties_kernel(Table tab, int64_t T, in
   const int lane = static_cast<int>(threadIdx.x & 31u);
   int64_t c = blockIdx.x;
   Chunk ch;
-  if (c < chunks) ch = chunk_of(tab, L, c);
+  if (c < chunks) ch = chunk_of(tab, L, c, kChunk);
   while (c < chunks) {  // block-uniform
     const scalar_t* bs = as_ptr<const scalar_t>(tab.base[ch.l]);
     out_t* out = as_ptr<out_t>(tab.out[ch.l]);
@@ -314,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) ties_kernel(Table tab, int64_t T, in
     // Next chunk of this block; flush the per-tensor counters when it belongs to another tensor.
     const int64_t l = ch.l;
     c += gridDim.x;
-    if (c < chunks) ch = chunk_of(tab, L, c);
+    if (c < chunks) ch = chunk_of(tab, L, c, kChunk);
     if (c >= chunks || ch.l != l) {  // block-uniform
       block_add_i64(sign_sum, a.sign_sum + l, scratch);
       block_add_i64(cancel, a.cancel + l, scratch);
@@ -342,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) consensus_kernel(Table tab, int64_t 
   int64_t nonfinite = 0;
   const int lane = static_cast<int>(threadIdx.x & 31u);
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {  // block-uniform
-    const Chunk ch = chunk_of(tab, L, c);
+    const Chunk ch = chunk_of(tab, L, c, kChunk);
     const scalar_t* bs = as_ptr<const scalar_t>(tab.base[ch.l]);
     const float* given = as_ptr<const float>(tab.mtl[ch.l]);
     int64_t idx[kPerThread];
