@@ -62,13 +62,10 @@ inline DareParams make_dare(double p, bool rescale) {
   return d;
 }
 
-// Loads tile [i0, i0 + n) of one task's tau into `dst` (fp32), applying DARE, and returns the number of
-// non-finite tau values seen (before DARE, so a dropped NaN is still reported).  `simd` lets the DARE
-// words come from the 8-block AVX2 Philox (same words).
+// dst[0, n) = float(in[i0 + j]) - float(base[i0 + j]) (no subtraction without a base): one tile
+// converted to fp32, 8 lanes at a time with `simd` (the same bits as the scalar conversions).
 template <typename scalar_t>
-inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i0, int64_t n, const DareParams& d,
-                             uint64_t key, float* dst, bool simd = false) {
-  int64_t nonfinite = 0;
+inline void convert_tile(const scalar_t* in, const scalar_t* base, int64_t i0, int64_t n, float* dst, bool simd) {
   int64_t j0 = 0;  // elements already converted by the AVX2 loop
 #if defined(CALM_FAST_HAVE_AVX2)
   if (simd && avx2::Convert8<scalar_t>::value) {
@@ -81,6 +78,16 @@ inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i
   } else {
     for (int64_t j = j0; j < n; ++j) dst[j] = static_cast<float>(in[i0 + j]);
   }
+}
+
+// Loads tile [i0, i0 + n) of one task's tau into `dst` (fp32), applying DARE, and returns the number of
+// non-finite tau values seen (before DARE, so a dropped NaN is still reported).  `simd` converts 8 lanes
+// at a time and lets the DARE words come from the 8-block AVX2 Philox (same values either way).
+template <typename scalar_t>
+inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i0, int64_t n, const DareParams& d,
+                             uint64_t key, float* dst, bool simd = false) {
+  int64_t nonfinite = 0;
+  convert_tile(in, base, i0, n, dst, simd);
   for (int64_t j = 0; j < n; ++j) nonfinite += is_nonfinite(dst[j]);
   if (d.p > 0.f) {
     // Same values as dare_apply(dst[j], d, key, i0 + j), one Philox block per 4 elements (tiles start
@@ -111,14 +118,7 @@ template <typename scalar_t>
 inline const float* base_row(const scalar_t* base, int64_t i0, int64_t n, float* buf) {
   if (base == nullptr) return nullptr;
   if (std::is_same<scalar_t, float>::value) return reinterpret_cast<const float*>(base) + i0;
-  int64_t j0 = 0;
-#if defined(CALM_FAST_HAVE_AVX2)
-  if (avx2::Convert8<scalar_t>::value) {  // only called on the AVX2 paths
-    j0 = n & ~int64_t{7};
-    avx2::load_rows8<scalar_t>(base + i0, nullptr, j0, buf);
-  }
-#endif
-  for (int64_t j = j0; j < n; ++j) buf[j] = static_cast<float>(base[i0 + j]);
+  convert_tile<scalar_t>(base, nullptr, i0, n, buf, /*simd=*/true);  // only called on the AVX2 paths
   return buf;
 }
 

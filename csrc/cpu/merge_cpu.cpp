@@ -174,7 +174,8 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
 
   const bool fast = simd_enabled();
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> vals(static_cast<size_t>(tl.T * kTile));  // trimmed, weighted tau: row t = task t
+    // Generic path: trimmed, weighted tau, row t = task t (the AVX2 path reads through `src` instead).
+    std::vector<float> vals(fast ? 0 : static_cast<size_t>(tl.T * kTile));
     // Branch-free SoA tiles: the elected sign is kept as a float (+1, -1, or 0), counts as floats (exact
     // far past any task count), so every loop below vectorises.
     alignas(64) float s[kTile], g[kTile], acc[kTile], mx[kTile], cnt[kTile], res[kTile];
