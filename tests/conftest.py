@@ -28,3 +28,37 @@ def make_list(gen, T, sizes, dtype=torch.float32, scale=1.0, zeros_frac=0.0, sha
                 x = x.reshape(shapes[i])
             out.append(x)
     return out
+
+
+def float_bits(x):
+    """The bit patterns of a float tensor (int32 for fp32, int16 for bf16/fp16)."""
+    if x.dtype == torch.float32:
+        return x.view(torch.int32)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.view(torch.int16)
+    return x
+
+
+def assert_same(got, want, what=""):
+    """Identical dtype, shape and values; floats by bit pattern (so -0 != +0), any NaN == any NaN."""
+    got = got.detach().cpu()
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if got.is_floating_point():
+        gn, wn = torch.isnan(got), torch.isnan(want)
+        assert torch.equal(gn, wn), f"{what}: NaN positions differ"
+        gb, wb = float_bits(got)[~gn], float_bits(want)[~wn]
+        if not torch.equal(gb, wb):
+            bad = (gb != wb).nonzero().reshape(-1)[:5]
+            raise AssertionError(
+                f"{what}: {int((gb != wb).sum())} of {gb.numel()} values differ, e.g. "
+                f"got {got[~gn][bad].tolist()} want {want[~wn][bad].tolist()}"
+            )
+    else:
+        assert torch.equal(got, want), f"{what}: values differ"
+
+
+def assert_same_list(got, want, what):
+    assert len(got) == len(want), f"{what}: {len(got)} tensors, expected {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_same(a, b, f"{what}[{i}]")

@@ -20,8 +20,9 @@ import torch
 from calm_fast import calm_ops, ops, reference
 from calm_fast.reference import ReferenceOps as REF
 
+from conftest import DTYPES, assert_same, assert_same_list, float_bits
+
 C = torch.ops.calm_fast
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["f32", "bf16", "f16"]
 MODES = ["fused", "faithful", "round"]
 
@@ -56,33 +57,6 @@ def _ulp_f32(t64):
     """The fp32 ulp at each (fp64) value (subnormal spacing below 2^-126)."""
     _, e = torch.frexp(t64.abs().clamp(min=2.0 ** -149))  # |t| = m 2^e, m in [0.5, 1)
     return torch.pow(2.0, (torch.clamp(e - 1, min=-126) - 23).double())
-
-
-def _bits(x):
-    return x.view(torch.int32) if x.dtype == torch.float32 else x.view(torch.int16)
-
-
-def assert_same(got, want, what=""):
-    """Same dtype and shape, same bits (so -0 != +0), NaN == NaN."""
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    if got.is_floating_point():
-        gn, wn = torch.isnan(got), torch.isnan(want)
-        assert torch.equal(gn, wn), f"{what}: NaN positions differ"
-        gb, wb = _bits(got), _bits(want)
-        gb, wb = torch.where(gn, torch.zeros_like(gb), gb), torch.where(wn, torch.zeros_like(wb), wb)
-        if not torch.equal(gb, wb):
-            bad = (gb != wb).reshape(-1).nonzero().reshape(-1)[:5]
-            raise AssertionError(f"{what}: {int((gb != wb).sum())} of {gb.numel()} differ, e.g. got "
-                                 f"{got.reshape(-1)[bad].tolist()} want {want.reshape(-1)[bad].tolist()}")
-    else:
-        assert torch.equal(got, want), f"{what}: values differ"
-
-
-def assert_same_list(got, want, what):
-    assert len(got) == len(want), f"{what}: {len(got)} tensors, expected {len(want)}"
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert_same(a, b, f"{what}[{i}]")
 
 
 def _kernel_sigmoid(x):
@@ -185,7 +159,7 @@ def test_sigmoid_special_values():
     assert s[2].item() == 1.0 and s[3].item() == 0.0 and math.isnan(s[4].item())
     assert s[5].item() == 1.0 and s[6].item() == 0.0 and s[7].item() == 1.0 and s[8].item() == 0.0
     assert s[9].item() == 1.0  # 1 - e^-17.4 rounds to 1
-    assert s[10].item() == 0.0 and _bits(s[10:11]).item() == 0  # +0, not -0
+    assert s[10].item() == 0.0 and float_bits(s[10:11]).item() == 0  # +0, not -0
     # Deep in the subnormals: the correctly rounded value (torch.sigmoid flushes these to 0).
     for xv, sv in zip(x[11:13], s[11:13]):
         exact = torch.sigmoid(xv.double()).item()
@@ -378,7 +352,7 @@ def test_mask_step_matches_reference(native_sigmoid, faithful, rewrite, mode, dt
     assert_same_list(A, A_ref, "A")
     assert_same_list(theta, theta_ref, "theta")
     assert_same(counts, counts_ref, "counts")
-    assert all(bool((_bits(a) == 0).all()) for a in A)  # +0.0 exactly
+    assert all(bool((float_bits(a) == 0).all()) for a in A)  # +0.0 exactly
     assert [x.data_ptr() for x in R + A + theta] == ptrs
     assert_same_list(base + prev + new, before, "inputs untouched")
     if rewrite != "none":  # the rewrite is calm_interpolate (fp32) at the new R, stored in theta's dtype

@@ -27,6 +27,8 @@ import torch
 
 import calm_fast._C  # noqa: F401  (CPU ops: torch.ops.calm_fast.*)
 
+from conftest import assert_same, assert_same_list  # noqa: F401  (test_cuda_calm_ops imports them from here)
+
 try:
     import calm_fast._C_emu  # noqa: F401  (emulated CUDA ops: torch.ops.calm_fast_emu.*)
 
@@ -147,39 +149,6 @@ def thresholds_from(g, tau, T, L):
 
 def dare_keys(g, T, L):
     return torch.randint(-(2**62), 2**62, (T, L), generator=g, dtype=torch.int64)
-
-
-def _bits(x):
-    if x.dtype == torch.float32:
-        return x.view(torch.int32)
-    if x.dtype in (torch.bfloat16, torch.float16):
-        return x.view(torch.int16)
-    return x
-
-
-def assert_same(got, want, what=""):
-    """Identical dtype, shape and values; floats by bit pattern (so -0 != +0), any NaN == any NaN."""
-    got = got.detach().cpu()
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    if got.is_floating_point():
-        gn, wn = torch.isnan(got), torch.isnan(want)
-        assert torch.equal(gn, wn), f"{what}: NaN positions differ"
-        gb, wb = _bits(got)[~gn], _bits(want)[~wn]
-        if not torch.equal(gb, wb):
-            bad = (gb != wb).nonzero().reshape(-1)[:5]
-            raise AssertionError(
-                f"{what}: {int((gb != wb).sum())} of {gb.numel()} values differ, e.g. "
-                f"got {got[~gn][bad].tolist()} want {want[~wn][bad].tolist()}"
-            )
-    else:
-        assert torch.equal(got, want), f"{what}: values differ"
-
-
-def assert_same_list(got, want, what):
-    assert len(got) == len(want), f"{what}: {len(got)} tensors, expected {len(want)}"
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert_same(a, b, f"{what}[{i}]")
 
 
 def to_dev(x, backend):
