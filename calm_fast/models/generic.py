@@ -1,0 +1,112 @@
+"""The generic adapter: any ``nn.Module`` (or functional ``forward(params, inputs)``) plus one head per task."""
+from __future__ import annotations
+
+from typing import Callable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .base import Inputs, ModelAdapter
+
+Tensor = torch.Tensor
+Head = Callable[[Tensor], Tensor]
+
+
+class GenericAdapter(ModelAdapter):
+    """Run ``module`` with merged tensors through ``torch.func.functional_call``, then task ``t``'s head.
+
+    Args:
+        module: the shared network, producing features from inputs (a tensor is passed positionally, a
+            mapping as keyword arguments).  Its own parameters and buffers are used for every tensor that
+            is not merged; the module is never modified.
+        heads: one callable per task (``nn.Module``, function or ``(weight, bias)`` applied as
+            ``f @ weight.T + bias``), or a mapping ``{task_name: head}``.  Heads are fixed (not merged).
+        param_names: the merged tensors (state-dict keys of ``module``).  Default: every floating
+            parameter of ``module``, in ``named_parameters()`` order.
+        task_names: names of the tasks (default ``task0, task1, ...`` or the mapping's keys).
+        normalize_features: divide features by their L2 norm before the head (the CLIP / task-vector
+            convention: ``logits = (f / ||f||) W^T + b``).
+        forward: alternative to ``module``: a function ``forward(params, inputs) -> features`` receiving
+            the merged tensors by name (then ``param_names`` is required).
+    """
+
+    def __init__(self, module: Optional[nn.Module], heads: Union[Sequence[Head], Mapping[str, Head]], *,
+                 param_names: Optional[Sequence[str]] = None, task_names: Optional[Sequence[str]] = None,
+                 normalize_features: bool = False,
+                 forward: Optional[Callable[[Mapping[str, Tensor], Inputs], Tensor]] = None):
+        if (module is None) == (forward is None):
+            raise ValueError("GenericAdapter: give exactly one of `module` and `forward`")
+        if isinstance(heads, Mapping):
+            names = list(heads.keys())
+            head_list = list(heads.values())
+            if task_names is not None and list(task_names) != names:
+                raise ValueError("GenericAdapter: task_names disagree with the keys of `heads`")
+            task_names = names
+        else:
+            head_list = list(heads)
+        if not head_list:
+            raise ValueError("GenericAdapter: at least one head is needed")
+        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(head_list))]
+        if len(self.task_names) != len(head_list):
+            raise ValueError(f"GenericAdapter: {len(self.task_names)} task names for {len(head_list)} heads")
+        self.heads: List[Head] = [self._as_callable(h) for h in head_list]
+        self._head_objs = head_list
+        self.module = module
+        self._forward = forward
+        self.normalize_features = bool(normalize_features)
+        if module is not None:
+            available = dict(module.named_parameters())
+            if param_names is None:
+                param_names = [k for k, v in available.items() if v.is_floating_point()]
+            missing = [k for k in param_names if k not in available and k not in dict(module.named_buffers())]
+            if missing:
+                raise KeyError(f"GenericAdapter: the module has no tensor named {missing[:5]}")
+        elif param_names is None:
+            raise ValueError("GenericAdapter: `param_names` is required with a functional `forward`")
+        self._param_names = list(param_names)
+
+    @staticmethod
+    def _as_callable(h) -> Head:
+        if isinstance(h, (tuple, list)) and len(h) == 2:
+            w, b = h
+
+            def linear(f: Tensor, w=w, b=b) -> Tensor:
+                out = f @ w.t()
+                return out + b if b is not None else out
+            return linear
+        if not callable(h):
+            raise TypeError(f"GenericAdapter: a head must be callable or a (weight, bias) pair, got {type(h).__name__}")
+        return h
+
+    def param_names(self) -> List[str]:
+        return list(self._param_names)
+
+    def features(self, params: Mapping[str, Tensor], inputs: Inputs) -> Tensor:
+        """The shared network's output for ``inputs`` with ``params`` (normalised if asked)."""
+        if self._forward is not None:
+            f = self._forward(params, inputs)
+        elif isinstance(inputs, Mapping):
+            f = torch.func.functional_call(self.module, dict(params), args=(), kwargs=dict(inputs), strict=False)
+        else:
+            f = torch.func.functional_call(self.module, dict(params), (inputs,), strict=False)
+        if self.normalize_features:
+            f = f / f.norm(dim=-1, keepdim=True)
+        return f
+
+    def logits(self, params: Mapping[str, Tensor], task: Union[int, str], inputs: Inputs) -> Tensor:
+        return self.heads[self.task_index(task)](self.features(params, inputs))
+
+    def num_classes(self, task: Union[int, str]) -> Optional[int]:
+        h = self._head_objs[self.task_index(task)]
+        if isinstance(h, nn.Linear):
+            return h.out_features
+        if isinstance(h, (tuple, list)) and len(h) == 2:
+            return int(h[0].shape[0])
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        if self.module is not None:
+            for t in self.module.parameters():
+                return t.device
+        return torch.device("cpu")
