@@ -10,9 +10,12 @@ Two layers, both written directly from ALGORITHMS.md and independent of the C++/
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from typing import Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -51,6 +54,35 @@ def philox_uniform(index: Tensor, key: int) -> Tensor:
         k1 = (k1 + 0xBB67AE85) & _M32
     words = torch.stack([c0, c1, c2, c3], dim=-1).gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
     return (words >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def dare_key(seed: int, task: int, name: str) -> int:
+    """The DARE key of one (seed, task index, tensor name): the 8-byte BLAKE2b digest of the UTF-8 text
+    ``"{seed}/{task}/{name}"`` read as a little-endian signed 64-bit integer.
+
+    Written here from that definition, independently of :func:`calm_fast.ops.dare_keys`, so that the
+    references do not share a bug with the implementation (tests pin both to known values)."""
+    digest = hashlib.blake2b(("%d/%d/%s" % (int(seed), int(task), name)).encode("utf-8"), digest_size=8).digest()
+    return struct.unpack("<q", digest)[0]
+
+
+def dare_key_table(seed: int, names: Sequence[str], num_tasks: int) -> Tensor:
+    """[T, L] int64 table of :func:`dare_key` (row t = task t, column l = tensor ``names[l]``)."""
+    return torch.tensor([[dare_key(seed, t, n) for n in names] for t in range(num_tasks)],
+                        dtype=torch.int64).reshape(num_tasks, len(names))
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """bool mask -> uint8 bytes, element i in bit (i mod 8) of byte (i div 8), zero padding (NumPy's
+    little-endian bit order; independent of :func:`calm_fast.ops.pack_mask`)."""
+    flat = mask.detach().reshape(-1).cpu().numpy().astype(bool)
+    return torch.from_numpy(np.packbits(flat, bitorder="little").copy())
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """The inverse of :func:`pack_bits`: the first ``numel`` bits as a bool tensor (on packed's device)."""
+    bits = np.unpackbits(packed.detach().reshape(-1).cpu().numpy().astype(np.uint8), bitorder="little")
+    return torch.from_numpy(bits[:numel].astype(bool).copy()).to(packed.device)
 
 
 def dare_reference(tau: Tensor, p: float, key: int, rescale: bool = True) -> Tensor:
@@ -184,9 +216,7 @@ class ReferenceOps:
                 if masks:
                     m = masks[t * L + l]
                     if m.dtype == torch.uint8:
-                        from .ops import unpack_mask
-
-                        m = unpack_mask(m, x.numel()).reshape(x.shape)
+                        m = unpack_bits(m, x.numel()).reshape(x.shape)
                     x = torch.where(m.reshape(x.shape), x, torch.zeros_like(x))
                 acc = acc + float(weights[t, l]) * x
             res = (base[l].float() + scale * acc) if base else scale * acc
@@ -251,8 +281,6 @@ class ReferenceOps:
 
     @staticmethod
     def consensus_merge(inputs, base, num_tasks, tall_lambdas, mtl, min_count, alpha, return_masks, out_float):
-        from .ops import pack_mask
-
         T = num_tasks
         L = len(inputs) // T
         taus = _taus(inputs, base, T)
@@ -269,7 +297,7 @@ class ReferenceOps:
                 mk = taus[t][l].abs() > float(tall_lambdas[t]) * (m - taus[t][l]).abs()
                 count += mk
                 if return_masks:
-                    masks[t * L + l] = pack_mask(mk)
+                    masks[t * L + l] = pack_bits(mk).to(mk.device)
             kept = torch.where(count >= min_count, m, torch.zeros_like(m))
             res = (base[l].float() + alpha * kept) if base else alpha * kept
             outs.append(res.to(torch.float32 if out_float else inputs[l].dtype))
@@ -395,11 +423,9 @@ def ties_merging_reference(pretrained, finetuned, density: float = 0.2, merge: s
 
 def dare_merging_reference(pretrained, finetuned, p: float = 0.5, seed: int = 0, scaling: float = 0.3,
                            rescale: bool = True, keys=None) -> Dict[str, Tensor]:
-    """DARE (§3) + task arithmetic, with the library's Philox keys (calm_fast.ops.dare_keys)."""
-    from .ops import dare_keys
-
+    """DARE (§3) + task arithmetic, with the library's Philox keys (:func:`dare_key`, per task and tensor name)."""
     keys = _float_keys(pretrained, keys)
-    K = dare_keys(seed, keys, len(finetuned))
+    K = dare_key_table(seed, keys, len(finetuned))
     out = {}
     for l, k in enumerate(keys):
         acc = torch.zeros_like(pretrained[k], dtype=torch.float32)

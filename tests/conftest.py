@@ -1,4 +1,12 @@
+"""Shared test fixtures and bitwise comparison helpers.
+
+Random test data is reproducible: the ``gen`` fixture seeds a generator from a stable hash of the test's
+node id (``zlib.crc32``, the same in every process, unlike Python's salted ``hash``), and a failing test
+that used ``gen`` prints its seed in a report section.  ``CALM_FAST_TEST_SEED=<int>`` overrides the seed
+of every test (to replay a failure with another seed, or to draw fresh data on purpose).
+"""
 import os
+import zlib
 
 import pytest
 import torch
@@ -6,13 +14,35 @@ import torch
 import calm_fast  # noqa: F401  (loads the extension, registers the ops)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SEED_ENV = "CALM_FAST_TEST_SEED"
+
+
+def data_seed(nodeid: str) -> int:
+    """The data seed of a test: ``$CALM_FAST_TEST_SEED`` if set, else crc32 of its node id (31 bits)."""
+    override = os.environ.get(SEED_ENV, "").strip()
+    if override:
+        return int(override, 0) % (2**31)
+    return zlib.crc32(nodeid.encode("utf-8")) % (2**31)
 
 
 @pytest.fixture
-def gen():
-    """A fresh random generator per test (seeded from the test's name so failures reproduce)."""
-    g = torch.Generator().manual_seed(abs(hash(os.environ.get("PYTEST_CURRENT_TEST", ""))) % (2**31))
-    return g
+def gen(request):
+    """A fresh random generator per test, seeded by :func:`data_seed` (stable across runs and processes;
+    printed when the test fails)."""
+    seed = data_seed(request.node.nodeid)
+    request.node.calm_fast_seed = seed
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the data seed to the report of a failing test that used ``gen``."""
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "calm_fast_seed", None)
+    if seed is not None and report.failed:
+        report.sections.append(("calm_fast test seed",
+                                f"gen seed {seed} (replay: {SEED_ENV}={seed} pytest '{item.nodeid}')"))
 
 
 def make_list(gen, T, sizes, dtype=torch.float32, scale=1.0, zeros_frac=0.0, shapes=None):
