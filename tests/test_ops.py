@@ -346,6 +346,7 @@ def test_opcheck(gen):
     opcheck(C.abs_histogram_.default, (hist, inputs, base, 2, None, 0.2, keys, True))
     opcheck(C.weighted_merge.default, (inputs, base, 2, w, 0.5, thr, False, [], 0.2, keys, True, False))
     opcheck(C.consensus_merge.default, (inputs, base, 2, torch.ones(2), [], 1, 0.3, True, False))
+    opcheck(C.abs_kth_per_tensor.default, (inputs, base, 2, torch.tensor([[5, 8], [33, 0]]), 0.2, keys, True))
     # abs_bracket's candidate rows beyond the counted ones are unspecified (uninitialised memory), so
     # only the schema and dispatcher checks apply to it.
     opcheck(C.abs_bracket.default, (inputs, base, 2, torch.tensor([0.1, 0.0]), torch.tensor([0.5, 1.0]), 64, 0.2,
