@@ -114,6 +114,31 @@ def abs_bracket(
                               dare_keys, bool(dare_rescale))
 
 
+def abs_kth_per_tensor(
+    inputs: Sequence[Tensor],
+    base: Optional[Sequence[Tensor]],
+    num_tasks: int,
+    ks: Tensor,
+    dare_p: float = 0.0,
+    dare_keys: Optional[Tensor] = None,
+    dare_rescale: bool = True,
+) -> Tensor:
+    """float32 ``[T, L]``: the ``ks[t, l]``-th smallest ``|tau|`` (1-indexed) of task t's tensor l alone,
+    for every (task, tensor) pair in one call; ``ks`` int64 ``[T, L]``, ``ks[t, l] == 0`` gives 0.
+
+    The per-tensor thresholds of TIES / DARE-TIES (``mode='per_tensor'``), selected exactly on fp32
+    magnitude keys as :func:`abs_histogram_` counts them (DARE applied).  Native on the CPU only:
+    :func:`calm_fast.selection.kth_smallest_abs_per_tensor` picks it there and loops over tensors elsewhere.
+    """
+    return _ops().abs_kth_per_tensor(list(inputs), _base_list(base), num_tasks, ks, float(dare_p), dare_keys,
+                                     bool(dare_rescale))
+
+
+def has_abs_kth_per_tensor(device) -> bool:
+    """Whether :func:`abs_kth_per_tensor` runs for tensors on ``device`` (CPU native ops, or the reference)."""
+    return torch.device(device).type == "cpu" or _load() == "reference"
+
+
 def weighted_merge(
     inputs: Sequence[Tensor],
     base: Optional[Sequence[Tensor]],
@@ -131,7 +156,10 @@ def weighted_merge(
     """``out_l = base_l + scale * sum_t weights[t,l] * keep_t * tau_t`` for every tensor l.
 
     ``keep`` combines DARE, the magnitude trim (``|tau| >= thresholds[t,l]``, ``>`` when strict) and
-    explicit masks (bool, or uint8 bit-packed).  Returns (outputs, number of non-finite tau values read).
+    explicit masks (bool, or uint8 bit-packed).  Returns (outputs, number of non-finite tau values that
+    enter the merge: counted after DARE, so an inf/NaN that DARE drops is not counted, and a survivor whose
+    ``1/(1-p)`` rescale overflows is; a non-finite base element every task drops passes into the output
+    as the base does, uncounted).
     """
     T = num_tasks
     L = len(inputs) // T if T else 0
@@ -162,7 +190,13 @@ def ties_merge(
 ):
     """One fused TIES pass; see :func:`calm_fast.methods.ties.ties_merging` for the full method.
 
-    Returns ``(outputs, sign_sums[L], positions[P], patch[P, 3], cancel_count[L], nonfinite)``.
+    Returns ``(outputs, sign_sums[L], positions[P], patch[P, 3], cancel_count[L], nonfinite)``:
+    ``positions`` are the flat indices (over the concatenated tensors) of the elements whose elected sign
+    is exactly 0 while some trimmed value is not ("cancelled"), in ascending order, and ``patch`` the fp32
+    output there for a zero sign of +1, -1 and 0.  All or nothing: every cancelled position when there are
+    at most ``max_positions`` of them (``P == cancel_count.sum()``), else none (``P == 0``; the caller
+    re-runs the pass with the known zero sign) -- the same on every device and thread count.
+    ``nonfinite`` counts as in :func:`weighted_merge` (after DARE).
     """
     T = num_tasks
     L = len(inputs) // T if T else 0
@@ -335,6 +369,11 @@ def _register_fakes() -> None:
         dev = lo.device
         return (torch.empty(num_tasks, 4, dtype=torch.int64, device=dev),
                 torch.empty(num_tasks, capacity, dtype=torch.float32, device=dev))
+
+    @torch.library.register_fake("calm_fast::abs_kth_per_tensor")
+    def _(inputs, base, num_tasks, ks, dare_p, dare_keys, dare_rescale):
+        return torch.empty(num_tasks, len(inputs) // num_tasks if num_tasks else 0, dtype=torch.float32,
+                           device=ks.device)
 
     @torch.library.register_fake("calm_fast::weighted_merge")
     def _(inputs, base, num_tasks, weights, scale, thresholds, strict, masks, dare_p, dare_keys, dare_rescale,

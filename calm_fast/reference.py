@@ -200,6 +200,20 @@ class ReferenceOps:
         return counts, cand
 
     @staticmethod
+    def abs_kth_per_tensor(inputs, base, num_tasks, ks, dare_p, dare_keys, dare_rescale):
+        T = num_tasks
+        L = len(inputs) // T if T else 0
+        taus = _taus(inputs, base, T, dare_p, dare_keys, dare_rescale)
+        out = torch.zeros(T, L, dtype=torch.float32)
+        for t in range(T):
+            for l in range(L):
+                k = int(ks[t, l])
+                if k > 0:  # the k-th smallest magnitude key (bit pattern order), as a float
+                    key = torch.kthvalue(_keys(taus[t][l]).reshape(-1).cpu(), k).values
+                    out[t, l] = key.to(torch.int32).view(torch.float32)
+        return out
+
+    @staticmethod
     def weighted_merge(inputs, base, num_tasks, weights, scale, thresholds, strict, masks, dare_p, dare_keys,
                        dare_rescale, out_float):
         T = num_tasks
@@ -276,7 +290,9 @@ class ReferenceOps:
             offset += inputs[l].numel()
         pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
         pat = torch.cat(patches) if patches else torch.zeros(0, 3)
-        return (outs, torch.tensor(sign_sums, dtype=torch.int64), pos[:max_positions], pat[:max_positions],
+        if pos.numel() > max_positions:  # all or nothing (see calm_fast.ops.ties_merge)
+            pos, pat = pos[:0], pat[:0]
+        return (outs, torch.tensor(sign_sums, dtype=torch.int64), pos, pat,
                 torch.tensor(cancel, dtype=torch.int64), torch.tensor(_nonfinite(taus)))
 
     @staticmethod

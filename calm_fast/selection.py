@@ -107,7 +107,8 @@ def _strided_sample(inputs, base, T: int, L: int, n: int, dare_p: float, dare_ke
     """Per task, |tau| at every ``stride``-th element of the (virtual) concatenation, sorted (fp32).
 
     Strided views and NumPy sorting only: a few tiny single-threaded operations, so the sample costs
-    microseconds rather than thread-pool round trips.
+    microseconds rather than thread-pool round trips.  Inputs are read detached: a selection is a
+    comparison, never part of an autograd graph (inputs may require grad).
     """
     import numpy as np
 
@@ -118,7 +119,7 @@ def _strided_sample(inputs, base, T: int, L: int, n: int, dare_p: float, dare_ke
     for t in range(T):
         parts, offset = [], 0
         for l in range(L):
-            x = inputs[t * L + l].reshape(-1)
+            x = inputs[t * L + l].detach().reshape(-1)
             m = x.numel()
             first = (-offset) % stride
             offset += m
@@ -126,7 +127,7 @@ def _strided_sample(inputs, base, T: int, L: int, n: int, dare_p: float, dare_ke
                 continue
             v = x[first::stride].float()
             if base:
-                v = v - base[l].reshape(-1)[first::stride].float()
+                v = v - base[l].detach().reshape(-1)[first::stride].float()
             if dare_p > 0:
                 idx = torch.arange(first, m, stride)
                 keep = philox_uniform(idx, int(dare_keys[t, l])).to(v.device) >= dare_p
@@ -184,6 +185,50 @@ def kth_smallest_abs(inputs: Sequence[Tensor], base: Optional[Sequence[Tensor]],
         finder.next_level()
         run_pass()
         result = torch.where(todo, finder.thresholds(), result)
+    return result
+
+
+def kth_smallest_abs_per_tensor(inputs: Sequence[Tensor], base: Optional[Sequence[Tensor]], num_tasks: int,
+                                ks: Tensor, dare_p: float = 0.0, dare_keys: Optional[Tensor] = None,
+                                dare_rescale: bool = True, groups: Optional[Iterable[Sequence[int]]] = None) -> Tensor:
+    """Exact ``ks[t, l]``-th smallest ``|tau|`` of task t's tensor l *alone*, for every pair: float32 ``[T, L]``
+    (``k = 0`` gives ``KEEP_ALL``).  The thresholds of per-tensor TIES.
+
+    Bit-identical to ``kth_smallest_abs`` called on each tensor by itself (the same fp32 magnitude-key
+    order), in one :func:`calm_fast.ops.abs_kth_per_tensor` call per dtype group on the CPU (no Python per
+    tensor); on other devices it loops over the tensors with :func:`kth_smallest_abs`.
+    """
+    T = int(num_tasks)
+    L = len(inputs) // T if T else 0
+    k = torch.as_tensor(ks, dtype=torch.int64)
+    if tuple(k.shape) != (T, L):
+        raise ValueError(f"ks: expected shape [{T}, {L}], got {list(k.shape)}")
+    sizes = torch.tensor([inputs[l].numel() for l in range(L)], dtype=torch.int64)
+    if bool(((k < 0) | (k > sizes[None, :])).any()):
+        raise ValueError(f"k out of range: k={k.tolist()} for tensor sizes {sizes.tolist()}")
+    result = torch.full((T, L), KEEP_ALL, dtype=torch.float32)
+    if L == 0:
+        return result
+    groups = [list(range(L))] if groups is None else [list(g) for g in groups]
+    for g in groups:
+        if not g:
+            continue
+        dev = inputs[g[0]].device
+        if ops.has_abs_kth_per_tensor(dev):
+            sub = [inputs[t * L + l].detach() for t in range(T) for l in g]
+            sub_base = [base[l].detach() for l in g] if base else None
+            keys = dare_keys[:, g].contiguous().to(dev) if dare_keys is not None else None
+            result[:, g] = ops.abs_kth_per_tensor(sub, sub_base, T, k[:, g].contiguous().to(dev), dare_p, keys,
+                                                  dare_rescale).cpu()
+            continue
+        for l in g:
+            if sizes[l] == 0:
+                continue
+            sub = [inputs[t * L + l] for t in range(T)]
+            sub_base = [base[l]] if base else None
+            keys = dare_keys[:, [l]].contiguous() if dare_keys is not None else None
+            result[:, l] = kth_smallest_abs(sub, sub_base, T, k[:, l].tolist(), dare_p=dare_p, dare_keys=keys,
+                                            dare_rescale=dare_rescale)
     return result
 
 

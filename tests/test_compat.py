@@ -743,3 +743,54 @@ def test_task_vector_mixed_dtypes_fall_back_to_torch():
     out = c.apply_to({"w": torch.zeros(4, dtype=torch.float64), "h": torch.ones(4, dtype=torch.float16)}, 0.1)
     same(out["w"], torch.zeros(4, dtype=torch.float64) + 0.1 * c.vector["w"])
     same(out["h"], torch.ones(4, dtype=torch.float16) + 0.1 * c.vector["h"])
+
+
+# ================================================================================================
+# Inputs that require grad (grad mode on): the shims work as PEFT / FusionBench do
+# ================================================================================================
+def _grad_case(name, gen):
+    """(shim, peer, inputs) of one shim: shim and peer take a list of tensors."""
+    T = 3
+    xs = tasks(gen, T, shape=(12, 8))
+    w = torch.tensor([1.0, 1.0, 1.0])
+    M = torch.stack([x.reshape(-1) for x in xs])  # [T, d] rows for the TIES-utils shims
+    cases = {
+        "magnitude_based_pruning": (lambda a: CP.magnitude_based_pruning(a[0], 0.5),
+                                    lambda a: peer_magnitude(a[0], 0.5), [xs[0]]),
+        "magnitude_based_pruning_all": (lambda a: CP.magnitude_based_pruning(a[0], 0.5, tie_break="all"),
+                                        lambda a: peer_magnitude(a[0], 0.5), [xs[0]]),
+        "prune": (lambda a: CP.prune(a[0], 0.3, "magnitude"), lambda a: peer_prune(a[0], 0.3, "magnitude"), [xs[0]]),
+        "magnitude_prune": (lambda a: CP.magnitude_prune(a, w, 0.4),
+                            lambda a: peer_merge("magnitude_prune", a, w, 0.4), xs),
+        "ties": (lambda a: CP.ties(a, w, 0.4), lambda a: peer_merge("ties", a, w, 0.4), xs),
+        "topk_values_mask": (lambda a: CT.topk_values_mask(a[0], K=0.3)[0],
+                             lambda a: peer_topk_values_mask(a[0], K=0.3)[0], [M]),
+        "ties_merging": (lambda a: CT.ties_merging(a[0], reset_thresh=30, merge_func="dis-mean"),
+                         lambda a: peer_ties(a[0], 30, "mean"), [M]),
+        "ties_merging_split": (lambda a: CT.ties_merging_split(a[0], reset_thresh=30, merge_func="dis-sum")[1],
+                               lambda a: peer_ties(a[0], 30, "sum"), [M]),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("name", ["magnitude_based_pruning", "magnitude_based_pruning_all", "prune",
+                                  "magnitude_prune", "ties", "topk_values_mask", "ties_merging",
+                                  "ties_merging_split"])
+def test_shims_on_tensors_requiring_grad(gen, name):
+    """Magnitude selection used to call .numpy() on the inputs (``Can't call numpy() on Tensor that requires
+    grad``).  With grad-requiring inputs every shim returns what it returns on plain inputs, and, like the
+    original (plain torch ops on the inputs), a result that carries grad: the same gradients as the peer."""
+    shim, peer, inputs = _grad_case(name, gen)
+    want = shim(inputs)  # plain inputs
+    with torch.enable_grad():
+        a = [x.clone().requires_grad_() for x in inputs]
+        got = shim(a)
+        b = [x.clone().requires_grad_() for x in inputs]
+        ref = peer(b)
+        assert got.requires_grad and ref.requires_grad
+        same(got.detach(), want)
+        same(got.detach(), ref.detach())
+        got.sum().backward()
+        ref.sum().backward()
+    for x, y in zip(a, b):
+        same(x.grad, y.grad)

@@ -85,7 +85,8 @@ def test_ties_merge_paths_identical(monkeypatch, gen, dtype, with_base, dare_p, 
                     i1, i2 = torch.argsort(p1), torch.argsort(p2)  # thread order varies: compare by position
                     assert torch.equal(p1[i1], p2[i2])
                     _equal(q1[i1], q2[i2])
-            assert n1 > 0 or sum(x.numel() for x in inputs) < 50 * T  # the inf/NaN were counted
+            # the inf/NaN were counted (with DARE they may all be dropped: counts are taken after DARE)
+            assert n1 > 0 or dare_p > 0 or sum(x.numel() for x in inputs) < 50 * T
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

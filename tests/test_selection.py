@@ -172,3 +172,145 @@ def test_p2_strict_rule_keeps_at_most_k_minus_one(gen):
         assert int((cat > t).sum()) == k - 1  # distinct values: exactly k - 1 kept
         out, _ = ops.weighted_merge(xs, None, 1, 1.0, 1.0, thresholds=t.reshape(1, 1).expand(1, 2), strict=True)
         assert sum(int((o != 0).sum()) for o in out) == k - 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-tensor selection in one op call (per-tensor TIES thresholds)
+# ------------------------------------------------------------------------------------------------
+def _per_tensor_loop(xs, base, T, ks, dare_p=0.0, keys=None):
+    """The k-th |tau| of every (task, tensor) pair by one kth_smallest_abs call per tensor (the
+    per-tensor TIES path before the batched op)."""
+    L = len(xs) // T
+    out = torch.zeros(T, L)
+    for l in range(L):
+        if xs[l].numel() == 0:
+            continue
+        sub = [xs[t * L + l] for t in range(T)]
+        dk = keys[:, [l]].contiguous() if keys is not None else None
+        out[:, l] = selection.kth_smallest_abs(sub, [base[l]] if base else None, T, ks[:, l].tolist(),
+                                               dare_p=dare_p, dare_keys=dk)
+    return out
+
+
+# sizes: tiny, the direct-select limit (16384) and one past it, a histogram-buffered one.
+PT_SIZES = [1, 7, 0, 16384, 16385, 70001]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("dare_p", [0.0, 0.3])
+def test_kth_per_tensor_op_matches_reference_and_loop(gen, dtype, with_base, dare_p):
+    from calm_fast.reference import ReferenceOps
+
+    T, L = 3, len(PT_SIZES)
+    xs = make_list(gen, T, PT_SIZES, dtype, zeros_frac=0.2)
+    for t in range(T):  # ties: a run of equal magnitudes of both signs in the large tensors
+        for l in (3, 5):
+            xs[t * L + l][100:3000] = torch.where(torch.rand(2900, generator=gen) < 0.5, 0.75, -0.75).to(dtype)
+    base = [torch.randn(n, generator=gen).to(dtype) for n in PT_SIZES] if with_base else []
+    keys = torch.randint(-2**62, 2**62, (T, L), generator=gen) if dare_p else None
+    sizes = torch.tensor(PT_SIZES)
+    ks = (torch.rand(T, L, generator=gen) * (sizes + 1)).long().clamp(max=sizes)
+    ks[0] = sizes  # k = n: the largest
+    ks[1, :] = torch.minimum(sizes, torch.ones_like(sizes))  # k = 1 (0 for the empty tensor)
+    ks[2, 0] = 0  # k = 0: KEEP_ALL
+    got = ops.abs_kth_per_tensor(xs, base, T, ks, dare_p, keys, True)
+    want = ReferenceOps.abs_kth_per_tensor(xs, base, T, ks, dare_p, keys, True)
+    assert got.dtype == torch.float32 and got.shape == (T, L)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    loop = _per_tensor_loop(xs, base, T, ks, dare_p, keys)
+    assert torch.equal(got.view(torch.int32), loop.view(torch.int32))
+    # through the selection front end
+    front = selection.kth_smallest_abs_per_tensor(xs, base or None, T, ks, dare_p=dare_p, dare_keys=keys)
+    assert torch.equal(front.view(torch.int32), loop.view(torch.int32))
+
+
+def test_kth_per_tensor_nonfinite_and_unbuffered(gen):
+    """inf/NaN order above every number (key order, as the histogram select); a tensor above the
+    per-thread key buffer (2^22) takes the two-pass path."""
+    n = (1 << 22) + 5
+    big = torch.randn(n, generator=gen)
+    big[[3, 10, n - 1]] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    small = torch.randn(20000, generator=gen)
+    small[5] = float("nan")
+    xs = [big, small]
+    ks = torch.tensor([[n // 3, 20000]])
+    got = ops.abs_kth_per_tensor(xs, [], 1, ks, 0.0, None, True)
+    loop = _per_tensor_loop(xs, [], 1, ks)
+    assert torch.equal(got.view(torch.int32), loop.view(torch.int32))
+    assert torch.isnan(got[0, 1])
+
+
+def test_kth_per_tensor_fallback_loop_and_errors(gen, monkeypatch):
+    T, sizes = 2, [50, 0, 3000]
+    xs = make_list(gen, T, sizes)
+    ks = torch.tensor([[10, 0, 3000], [50, 0, 1]])
+    native = selection.kth_smallest_abs_per_tensor(xs, None, T, ks)
+    monkeypatch.setattr(ops, "has_abs_kth_per_tensor", lambda device: False)  # the non-CPU path
+    looped = selection.kth_smallest_abs_per_tensor(xs, None, T, ks)
+    assert torch.equal(native.view(torch.int32), looped.view(torch.int32))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="out of range"):
+        selection.kth_smallest_abs_per_tensor(xs, None, T, torch.tensor([[51, 0, 1], [1, 0, 1]]))
+    with pytest.raises(ValueError, match="shape"):
+        selection.kth_smallest_abs_per_tensor(xs, None, T, torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="ks"):
+        ops.abs_kth_per_tensor(xs, [], T, torch.tensor([[51, 0, 1], [1, 0, 1]]), 0.0, None, True)
+
+
+@pytest.mark.parametrize("dare_p", [0.0, 0.4])
+def test_per_tensor_ties_thresholds_unchanged(gen, dare_p):
+    """methods.ties per-tensor thresholds (now one batched call per dtype group) equal the per-tensor loop,
+    on a mixed-dtype model with fine-tuned inputs."""
+    from calm_fast.methods import ties
+    from calm_fast.methods._common import prepare
+
+    shapes = {"a": (40, 30), "b": (7,), "c": (300, 70), "d": (17000,), "e": (1,)}
+    dtypes = {"a": torch.float32, "b": torch.bfloat16, "c": torch.float32, "d": torch.bfloat16, "e": torch.float32}
+    base = {k: torch.randn(s, generator=gen).to(dtypes[k]) for k, s in shapes.items()}
+    fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(v.dtype) for k, v in base.items()}
+           for _ in range(3)]
+    prep = prepare(base, fts, method="ties_merging")
+    keys = ops.dare_keys(5, prep.keys, prep.T) if dare_p else None
+    got = ties._thresholds(prep, 0.2, "per_tensor", dare_p, keys, True)
+    ks = torch.tensor([[selection.topk_fraction_to_k(prep.inputs[l].numel(), 0.2) for l in range(prep.L)]] * prep.T)
+    want = torch.zeros(prep.T, prep.L)
+    for l in range(prep.L):  # one dtype per call: tensor by tensor
+        sub = [prep.inputs[t * prep.L + l] for t in range(prep.T)]
+        dk = keys[:, [l]].contiguous() if keys is not None else None
+        want[:, l] = selection.kth_smallest_abs(sub, [prep.base[l]], prep.T, ks[:, l].tolist(), dare_p=dare_p,
+                                                dare_keys=dk)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs that require grad (selection reads them detached)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["auto", "radix"])
+def test_kth_on_tensors_requiring_grad(gen, method):
+    xs = [torch.randn(5000, generator=gen), torch.randn(300, generator=gen)]
+    base = [torch.randn(5000, generator=gen), torch.randn(300, generator=gen)]
+    want = selection.kth_smallest_abs(xs, base, 1, [1234], method=method)
+    with torch.enable_grad():
+        got = selection.kth_smallest_abs([x.clone().requires_grad_() for x in xs],
+                                         [b.clone().requires_grad_() for b in base], 1, [1234], method=method)
+        ks = torch.tensor([[100, 7]])
+        per = selection.kth_smallest_abs_per_tensor([x.clone().requires_grad_() for x in xs], None, 1, ks)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)) and not got.requires_grad
+    assert torch.equal(per, selection.kth_smallest_abs_per_tensor(xs, None, 1, ks))
+
+
+# ------------------------------------------------------------------------------------------------
+# Threshold rules with values exactly AT the threshold
+# ------------------------------------------------------------------------------------------------
+def test_calm_init_strict_at_threshold(gen):
+    """CALM init (P2): entries equal to the k-th largest |tau| are off (-bias), larger ones on."""
+    from calm_fast import calm_ops
+
+    x = torch.randn(4000, generator=gen) * 0.1
+    x[:50] = 3.0  # 50 clear winners
+    x[50:90] = torch.where(torch.arange(40) % 2 == 0, 2.0, -2.0)  # 40 entries tied at the threshold
+    frac = 60 / 4000  # k = 60: the 60th largest |x| is 2.0, tied 40 times
+    logits = calm_ops.init_mask_logits([x[:2000].contiguous(), x[2000:].contiguous()], fraction=frac, bias=5.0)
+    on = torch.cat(logits) > 0
+    assert torch.equal(on, x.abs() > 2.0) and int(on.sum()) == 50

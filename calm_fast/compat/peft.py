@@ -31,7 +31,9 @@ and one weight shared by all tasks that is 0 or a power of two (1, 0.5, -2, ...)
 on *unweighted* values while the fused op elects on weighted ones, and only such weights scale without
 rounding, so that both elections agree bit for bit.  Everything else (other TIES weights, "frequency",
 float64, half-type weights with half-type tensors, tensors that require grad with grad mode on, ...)
-runs PEFT's composition of the public functions below, with the fast magnitude pruning.
+runs PEFT's composition of the public functions below, with the fast magnitude pruning.  As in PEFT,
+results computed from tensors that require grad carry grad (``tensor * mask`` and the torch composition;
+the magnitude threshold itself is found on the detached values: a comparison has no gradient).
 
 Deviations (on purpose):
 

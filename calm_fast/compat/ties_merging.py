@@ -41,8 +41,10 @@ Deviations (on purpose):
 * element order of the final sum: the fused pass sums tasks in order ``t = 0..T-1`` for every element.
   ``torch.sum(dim=0)`` does the same except in the vectorisation tail of some shapes with ``T >= 5``,
   where it may round differently (a last-bit difference in a few elements).
-* inputs the fused ops do not take (float64 or integer rows, 1-D input, empty rows) run the reference
-  composition (``topk_values_mask`` -> ``resolve_sign`` -> ``disjoint_merge``) on plain torch.
+* inputs the fused ops do not take (float64 or integer rows, 1-D input, empty rows), and rows that
+  require grad with grad mode on, run the reference composition (``topk_values_mask`` -> ``resolve_sign``
+  -> ``disjoint_merge``) on plain torch, so the result carries grad as the reference's does.  The
+  selection (the exact per-row threshold) reads the rows detached: a comparison has no gradient.
 * non-finite values: propagate (no error), but NaN/inf handling is not guaranteed bit-identical.
 """
 from __future__ import annotations
@@ -276,7 +278,9 @@ def ties_merging(flat_task_checks, reset_thresh=None, merge_func=""):
         raise ValueError(f"Merge method {func} is not defined.")
     log.debug("RESOLVING SIGN")
     log.debug("Disjoint AGGREGATION: %s", merge_func)
-    if not _fusable(M):
+    if not _fusable(M) or (torch.is_grad_enabled() and M.requires_grad):
+        # the reference pipeline on plain torch: also what keeps the result in the autograd graph, as the
+        # reference's is (the fused ops have no backward)
         return _ties_composed(M, reset_thresh, merge_func)
     K = _fraction(reset_thresh)
     T, d = M.shape

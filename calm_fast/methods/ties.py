@@ -31,18 +31,11 @@ def _thresholds(prep: Prepared, density: float, mode: str, dare_p: float, dare_k
         thr = selection.kth_smallest_abs(prep.inputs, prep.base, T, [k] * T, dare_p=dare_p, dare_keys=dare_keys,
                                          dare_rescale=rescale, groups=prep.groups)
         return thr[:, None].expand(T, L).contiguous()
-    table = torch.zeros(T, L)
-    for l in range(L):
-        n = prep.inputs[l].numel()
-        if n == 0:
-            continue
-        k = selection.topk_fraction_to_k(n, density)
-        sub = [prep.inputs[t * L + l] for t in range(T)]
-        base = [prep.base[l]] if prep.base is not None else None
-        dk = dare_keys[:, [l]].contiguous() if dare_keys is not None else None
-        table[:, l] = selection.kth_smallest_abs(sub, base, T, [k] * T, dare_p=dare_p, dare_keys=dk,
-                                                 dare_rescale=rescale)
-    return table
+    # Per tensor: every (task, tensor) threshold in one selection call per dtype group (no Python per tensor).
+    ks = torch.tensor([[selection.topk_fraction_to_k(prep.inputs[l].numel(), density) if prep.inputs[l].numel() else 0
+                        for l in range(L)]] * T, dtype=torch.int64).reshape(T, L)
+    return selection.kth_smallest_abs_per_tensor(prep.inputs, prep.base, T, ks, dare_p=dare_p, dare_keys=dare_keys,
+                                                 dare_rescale=rescale, groups=prep.groups)
 
 
 def _patch(outputs: List[torch.Tensor], numels: List[int], positions: torch.Tensor, patch: torch.Tensor,

@@ -11,8 +11,9 @@
 //   DARE: an element of task t, tensor l, flat index i is kept iff philox(key[t,l], i) >= p
 //         (a counter-based generator: the same mask on any device, thread count or order).
 //   out_float: outputs in float32 instead of the input dtype.  Arithmetic is always fp32.
-//   Every merge op also returns `nonfinite`: an int64 scalar counting the inf/NaN tau values it read
-//   (the Python layer turns a non-zero count into an error naming the tensor, by default).
+//   Every merge op also returns `nonfinite`: an int64 scalar counting the inf/NaN tau values that enter
+//   the merge, i.e. after DARE's drop and rescale (a dropped inf/NaN is not counted; a survivor whose
+//   rescale overflows is); the Python layer turns a non-zero count into an error naming the tensor.
 //
 // abs_histogram_: hist[t, bin] += #{elements of task t whose |tau| key falls in bin}; level 0 (prefix
 //   None): hist is [T, 32768], bin = key >> 16; level 1: hist is [T, 65536], only elements with
@@ -23,13 +24,19 @@
 //   |tau| values strictly inside (lo, hi) (the first `capacity` found, in unspecified order; the
 //   rest of a row is unspecified).  Exact for any input: a caller whose k-th value is not pinned by
 //   these counts falls back to abs_histogram_.
+// abs_kth_per_tensor: float32 [T, L]: the ks[t, l]-th smallest |tau| (1-indexed, in the key order above)
+//   of task t's tensor l alone, for every pair in one call (per-tensor thresholds); ks int64 [T, L] with
+//   0 <= ks[t, l] <= numel(l), and ks[t, l] == 0 gives 0.  CPU only (the Python layer loops over
+//   tensors with abs_bracket / abs_histogram_ on other devices).
 // weighted_merge: out_l = base_l + scale * sum_t weights[t,l] * keep * tau_t  (keep from DARE,
 //   thresholds and masks); without base the merged task vector.
 // ties_merge: trim (|tau| >= thresholds[t,l], or > when strict), weight, elect, disjoint
 //   sum/mean/max, out = base + scale * merged.  Where the elected sign is exactly 0 but trimmed values
 //   are non-zero ("cancelled"), zero_sign[l] is used; returns (out, sign_sums[L] = sum of elected
-//   signs, positions[P] = flat indices of cancelled elements (at most max_positions),
-//   patch[P, 3] = the fp32 output there for a zero sign of +1, -1 and 0, cancel_count[L], nonfinite).
+//   signs, positions[P] = the flat indices of the cancelled elements in ascending order, all of them
+//   when there are at most max_positions (P = sum(cancel_count)), else none (P = 0: all or nothing, the
+//   same on every device and thread count), patch[P, 3] = the fp32 output there for a zero sign of +1,
+//   -1 and 0, cancel_count[L], nonfinite).
 // consensus_merge: masks m_t = |tau_t| > tall_lambdas[t] |mtl - tau_t| (mtl = sum_t tau_t unless given),
 //   out = base + alpha * (count(m) >= min_count ? mtl : 0); optional bit-packed per-task masks.
 //
@@ -57,6 +64,8 @@
     "float dare_p, Tensor? dare_keys, bool dare_rescale) -> ()")                                     \
   X("abs_bracket(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor lo, Tensor hi, int capacity, "    \
     "float dare_p, Tensor? dare_keys, bool dare_rescale) -> (Tensor, Tensor)")                       \
+  X("abs_kth_per_tensor(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor ks, float dare_p, "     \
+    "Tensor? dare_keys, bool dare_rescale) -> Tensor")                                               \
   X("weighted_merge(Tensor[] inputs, Tensor[] base, int num_tasks, Tensor weights, float scale, "    \
     "Tensor? thresholds, bool strict, Tensor[] masks, float dare_p, Tensor? dare_keys, "             \
     "bool dare_rescale, bool out_float) -> (Tensor[], Tensor)")                                      \

@@ -81,14 +81,14 @@ inline void convert_tile(const scalar_t* in, const scalar_t* base, int64_t i0, i
 }
 
 // Loads tile [i0, i0 + n) of one task's tau into `dst` (fp32), applying DARE, and returns the number of
-// non-finite tau values seen (before DARE, so a dropped NaN is still reported).  `simd` converts 8 lanes
-// at a time and lets the DARE words come from the 8-block AVX2 Philox (same values either way).
+// non-finite values in the result, i.e. of the values that enter the merge: counted after DARE, so a
+// dropped inf/NaN is not counted and a survivor whose 1/(1-p) rescale overflows is.  `simd` converts 8
+// lanes at a time and lets the DARE words come from the 8-block AVX2 Philox (same values either way).
 template <typename scalar_t>
 inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i0, int64_t n, const DareParams& d,
                              uint64_t key, float* dst, bool simd = false) {
   int64_t nonfinite = 0;
   convert_tile(in, base, i0, n, dst, simd);
-  for (int64_t j = 0; j < n; ++j) nonfinite += is_nonfinite(dst[j]);
   if (d.p > 0.f) {
     // Same values as dare_apply(dst[j], d, key, i0 + j), one Philox block per 4 elements (tiles start
     // at multiples of 4), in two vectorisable loops.
@@ -110,6 +110,7 @@ inline int64_t load_tau_tile(const scalar_t* in, const scalar_t* base, int64_t i
     const DareParams dd = d;  // a local copy: no aliasing with dst, so the loop vectorises
     for (int64_t j = 0; j < n; ++j) dst[j] = dare_apply_word(dst[j], dd, words[j]);
   }
+  for (int64_t j = 0; j < n; ++j) nonfinite += is_nonfinite(dst[j]);
   return nonfinite;
 }
 

@@ -9,7 +9,10 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 
 #include "cpu/cpu_common.h"
@@ -158,6 +161,15 @@ struct TiesReductions {
   std::vector<int64_t> sign_sum, cancel_count;
   std::vector<int64_t> positions;
   std::vector<float> patch;  // 3 per position
+  // Cancelled positions claimed by all threads together: once past max_positions, the op returns none
+  // (all or nothing), so threads stop recording; the per-thread lists stay within max_positions + 1.
+  std::atomic<int64_t> claimed{0};
+
+  // Whether one more cancelled position may be recorded (no atomic traffic once the cap is passed).
+  bool claim(int64_t max_positions) {
+    if (claimed.load(std::memory_order_relaxed) >= max_positions) return false;
+    return claimed.fetch_add(1, std::memory_order_relaxed) < max_positions;
+  }
 };
 
 template <typename scalar_t, typename out_t>
@@ -208,7 +220,7 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
           // An exact cancellation (rare): record the output for every possible zero sign.
           auto record = [&](int64_t j) {
             cancel_count[w.l] += 1;
-            if (static_cast<int64_t>(positions.size()) >= max_positions) return;
+            if (!red.claim(max_positions)) return;
             positions.push_back(tl.offset[w.l] + i0 + j);
             for (float zsign : {1.f, -1.f, 0.f}) {
               int g_unused;
@@ -293,7 +305,7 @@ void ties_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, c
         for (int64_t j = 0; j < n; ++j) {
           if (gamma[j] != 0 || !nonzero[j]) continue;
           cancel_count[w.l] += 1;
-          if (static_cast<int64_t>(positions.size()) >= max_positions) continue;
+          if (!red.claim(max_positions)) continue;
           positions.push_back(tl.offset[w.l] + i0 + j);
           const float b = bs != nullptr ? static_cast<float>(bs[i0 + j]) : 0.f;
           for (float zsign : {1.f, -1.f, 0.f}) {
@@ -349,12 +361,26 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tens
       if (out_float) run(float{}); else run(scalar_t{});
     });
   }
-  const int64_t P = static_cast<int64_t>(red.positions.size());
+  // All or nothing: every cancelled position, in ascending flat order, when they number at most
+  // max_positions; none otherwise (the caller then re-runs with the known zero sign).  Deterministic for
+  // any thread count, and the same rule as the CUDA kernel.
+  int64_t total_cancelled = 0;
+  for (int64_t l = 0; l < tl.L; ++l) total_cancelled += red.cancel_count[l];
+  const int64_t P = total_cancelled <= max_positions ? static_cast<int64_t>(red.positions.size()) : 0;
+  TORCH_CHECK(P == 0 || P == total_cancelled, op, ": internal error: recorded ", P, " of ", total_cancelled,
+              " cancelled positions");
   at::Tensor positions = at::empty({P}, at::kLong);
   at::Tensor patch = at::empty({P, 3}, at::kFloat);
   if (P > 0) {
-    std::memcpy(positions.data_ptr<int64_t>(), red.positions.data(), sizeof(int64_t) * P);
-    std::memcpy(patch.data_ptr<float>(), red.patch.data(), sizeof(float) * 3 * P);
+    std::vector<int64_t> order(static_cast<size_t>(P));
+    for (int64_t i = 0; i < P; ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return red.positions[a] < red.positions[b]; });
+    int64_t* pos = positions.data_ptr<int64_t>();
+    float* pat = patch.data_ptr<float>();
+    for (int64_t i = 0; i < P; ++i) {
+      pos[i] = red.positions[order[i]];
+      std::memcpy(pat + 3 * i, red.patch.data() + 3 * order[i], sizeof(float) * 3);
+    }
   }
   at::Tensor sign_sum = at::empty({tl.L}, at::kLong), cancel = at::empty({tl.L}, at::kLong);
   for (int64_t l = 0; l < tl.L; ++l) {

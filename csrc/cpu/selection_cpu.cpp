@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <memory>
@@ -238,6 +239,125 @@ std::tuple<at::Tensor, at::Tensor> abs_bracket_cpu(at::TensorList inputs, at::Te
   return {counts, cand};
 }
 
+// --------------------------------------------------------------------------------------------------
+// abs_kth_per_tensor: the exact ks[t, l]-th smallest |tau| key of every (task, tensor) pair in one call
+// (per-tensor TIES / DARE-TIES thresholds), instead of one selection call per tensor from Python.
+// Each pair is one work item, handed to the threads largest first (dynamic: a few large tensors and many
+// small ones balance).  An item is selected exactly on its fp32 magnitude keys (the order of
+// abs_histogram_: bit patterns with the sign cleared), so the result is the one of the histogram and
+// bracket selects:
+//   n <= kKthDirect        all keys into a buffer, std::nth_element;
+//   otherwise              one pass counts the high 15 bits of the keys (and keeps the keys in a
+//                          buffer when n <= kKthBuffered), then the keys of the bucket holding the k-th
+//                          are collected (from the buffer, or by a second pass over the inputs) and
+//                          std::nth_element picks the exact key among them.
+// --------------------------------------------------------------------------------------------------
+constexpr int64_t kKthDirect = int64_t{1} << 14;
+constexpr int64_t kKthBuffered = int64_t{1} << 22;  // 16 MiB of keys per thread at most
+
+struct KthItem {
+  int64_t t, l;
+};
+
+template <typename scalar_t>
+void kth_per_tensor_impl(at::TensorList inputs, at::TensorList base, const TaskList& tl, const int64_t* ks,
+                         const DareParams& dare, const int64_t* keys, float* out) {
+  const auto in_ptr = data_ptrs<scalar_t>(inputs);
+  const auto base_ptr = data_ptrs<scalar_t>(base);
+  std::vector<KthItem> items;
+  for (int64_t t = 0; t < tl.T; ++t) {
+    for (int64_t l = 0; l < tl.L; ++l) {
+      out[t * tl.L + l] = 0.f;  // k == 0: keep everything (selection.KEEP_ALL)
+      if (ks[t * tl.L + l] > 0) items.push_back({t, l});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const KthItem& a, const KthItem& b) { return tl.numel[a.l] > tl.numel[b.l]; });
+  const int64_t count = static_cast<int64_t>(items.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), count);
+  if (workers == 0) return;
+  const bool simd = simd_enabled();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<uint32_t> buf, bucket;
+    std::vector<int64_t> hist;
+    alignas(64) float tile[kTile];
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      const KthItem& it = items[i];
+      const int64_t ti = it.t * tl.L + it.l;
+      const int64_t n = tl.numel[it.l], k = ks[ti];
+      const scalar_t* in = in_ptr[ti];
+      const scalar_t* bs = tl.has_base ? base_ptr[it.l] : nullptr;
+      const uint64_t dkey = keys != nullptr ? static_cast<uint64_t>(keys[ti]) : 0u;
+      // f(i0, m, key) for every tile of the item's |tau| keys (DARE applied, as abs_histogram_).
+      auto for_each_tile = [&](auto&& f) {
+        alignas(64) uint32_t key[kTile];
+        for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+          const int64_t m = std::min(kTile, n - i0);
+          load_tau_tile(in, bs, i0, m, dare, dkey, tile, simd);
+          for (int64_t j = 0; j < m; ++j) key[j] = abs_key(tile[j]);
+          f(i0, m, key);
+        }
+      };
+      if (n <= kKthDirect) {
+        buf.resize(static_cast<size_t>(n));
+        for_each_tile([&](int64_t i0, int64_t m, const uint32_t* key) {
+          std::memcpy(buf.data() + i0, key, sizeof(uint32_t) * m);
+        });
+        std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end());
+        out[ti] = bits_float(buf[k - 1]);
+        continue;
+      }
+      const bool buffered = n <= kKthBuffered;
+      if (buffered) buf.resize(static_cast<size_t>(n));
+      hist.assign(kHistHighBins, 0);
+      for_each_tile([&](int64_t i0, int64_t m, const uint32_t* key) {
+        if (buffered) std::memcpy(buf.data() + i0, key, sizeof(uint32_t) * m);
+        for (int64_t j = 0; j < m; ++j) hist[key[j] >> 16] += 1;
+      });
+      int64_t below = 0;
+      uint32_t b = 0;
+      while (below + hist[b] < k) below += hist[b++];  // k <= n: stops at a bucket holding the k-th
+      bucket.clear();
+      bucket.reserve(static_cast<size_t>(hist[b]));
+      if (buffered) {
+        for (int64_t j = 0; j < n; ++j)
+          if ((buf[j] >> 16) == b) bucket.push_back(buf[j]);
+      } else {
+        for_each_tile([&](int64_t, int64_t m, const uint32_t* key) {
+          for (int64_t j = 0; j < m; ++j)
+            if ((key[j] >> 16) == b) bucket.push_back(key[j]);
+        });
+      }
+      const int64_t r = k - below;  // 1-indexed rank inside the bucket
+      std::nth_element(bucket.begin(), bucket.begin() + (r - 1), bucket.end());
+      out[ti] = bits_float(bucket[r - 1]);
+    }
+  });
+}
+
+at::Tensor abs_kth_per_tensor_cpu(at::TensorList inputs, at::TensorList base, int64_t num_tasks, const at::Tensor& ks,
+                                  double dare_p, const c10::optional<at::Tensor>& dare_keys, bool dare_rescale) {
+  constexpr const char* op = "calm_fast.abs_kth_per_tensor";
+  const TaskList tl = check_task_list(op, inputs, base, num_tasks);
+  check_dare(op, dare_p, dare_keys, tl);
+  at::Tensor out = at::empty({num_tasks, tl.L}, at::kFloat);
+  if (tl.L == 0) return out;
+  const at::Tensor k = check_table(op, "ks", ks, tl, at::kLong);
+  const int64_t* kp = k.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tl.T; ++t)
+    for (int64_t l = 0; l < tl.L; ++l)
+      TORCH_CHECK(kp[t * tl.L + l] >= 0 && kp[t * tl.L + l] <= tl.numel[l], op, ": ks[", t, ", ", l, "]=",
+                  kp[t * tl.L + l], " is not in [0, ", tl.numel[l], "] (the tensor's size)");
+  const at::Tensor keys = dare_keys.has_value() ? dare_keys->contiguous() : at::Tensor();
+  const DareParams dare = make_dare(dare_p, dare_rescale);
+  CF_DISPATCH_FLOAT(tl.dtype, [&] {
+    kth_per_tensor_impl<scalar_t>(inputs, base, tl, kp, dare, keys.defined() ? keys.data_ptr<int64_t>() : nullptr,
+                                  out.data_ptr<float>());
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace calm_fast
@@ -245,4 +365,5 @@ std::tuple<at::Tensor, at::Tensor> abs_bracket_cpu(at::TensorList inputs, at::Te
 TORCH_LIBRARY_IMPL(calm_fast, CPU, m) {
   m.impl("abs_histogram_", &calm_fast::cpu::abs_histogram_cpu);
   m.impl("abs_bracket", &calm_fast::cpu::abs_bracket_cpu);
+  m.impl("abs_kth_per_tensor", &calm_fast::cpu::abs_kth_per_tensor_cpu);
 }

@@ -148,9 +148,9 @@ __global__ void __launch_bounds__(kThreads) weighted_kernel(Table tab, int64_t T
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) {
         if (!valid[j]) continue;
-        float x = v[j];
+        // Counted after DARE (as on the CPU): what enters the merge, not a dropped inf/NaN.
+        float x = dare_apply_word(v[j], a.dare, words[j]);
         nonfinite += is_nonfinite(x);
-        x = dare_apply_word(x, a.dare, words[j]);
         if (a.thresholds != nullptr) x = trim_keep(x, thr, a.strict) ? x : 0.f;
         if (a.mask_kind == 1) {
           x = m[idx[j]] != 0 ? x : 0.f;
@@ -229,23 +229,21 @@ __global__ void __launch_bounds__(kThreads) ties_kernel(Table tab, int64_t T, in
       return trim_keep(v, a.thresholds[ti], a.strict) ? mul_rn(v, a.weights[ti]) : 0.f;
     };
     // First read of the chunk (t outer, kPerThread loads in flight): counts the non-finite tau values
-    // (before DARE, as the CPU) and stages the values, or brings the chunk into L1/L2 for the reloads.
+    // after DARE (as the CPU: what enters the merge) and stages the values, or brings the chunk into
+    // L1/L2 for the reloads.
     for (int64_t t = 0; t < T; ++t) {
       const int64_t ti = t * L + ch.l;
       const scalar_t* in = as_ptr<const scalar_t>(tab.in[ti]);
       float v[kPerThread];
 #pragma unroll
       for (int j = 0; j < kPerThread; ++j) v[j] = valid[j] ? load_tau(in, bs, idx[j]) : 0.f;
+      uint32_t words[kPerThread] = {0u, 0u, 0u, 0u};
+      if (a.dare.p > 0.f) dare_words4(idx, dare_key(ti), words);  // block-uniform
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) nonfinite += is_nonfinite(v[j]);
-      if (use_stage) {  // block-uniform
-        uint32_t words[kPerThread] = {0u, 0u, 0u, 0u};
-        if (a.dare.p > 0.f) dare_words4(idx, dare_key(ti), words);
-#pragma unroll
-        for (int j = 0; j < kPerThread; ++j) {
-          staged[(t * kPerThread + j) * blockDim.x + threadIdx.x] =
-              valid[j] ? trim_weight(dare_apply_word(v[j], a.dare, words[j]), ti) : 0.f;
-        }
+      for (int j = 0; j < kPerThread; ++j) {
+        const float d = valid[j] ? dare_apply_word(v[j], a.dare, words[j]) : 0.f;
+        nonfinite += is_nonfinite(d);
+        if (use_stage) staged[(t * kPerThread + j) * blockDim.x + threadIdx.x] = valid[j] ? trim_weight(d, ti) : 0.f;
       }
     }
 #pragma unroll 1
@@ -556,11 +554,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tens
       if (smem > kDefaultSmem) CF_SET_MAX_DYNAMIC_SMEM(kernel, kStageMaxT * kChunk * sizeof(float));
       CF_LAUNCH(kernel, grid, kThreads, smem, stream, table.tab, tl.T, tl.L, table.chunks, a);
     });
-    if (cap > 0) used = std::min(cap, next_slot.item<int64_t>());  // the only device-to-host sync
+    if (cap > 0) {
+      // All or nothing (the op's contract, as on the CPU): every cancelled position when they number at
+      // most max_positions, else none.  One device-to-host sync for the total.
+      const int64_t total = cancel.sum().item<int64_t>();
+      used = total <= cap ? total : 0;
+    }
   }
   if (used < cap) {
     positions = positions.narrow(0, 0, used).clone();
     patch = patch.narrow(0, 0, used).clone();
+  }
+  if (used > 1) {  // ascending flat order (slots were handed out in arbitrary warp order)
+    const auto sorted = positions.sort();
+    positions = std::get<0>(sorted);
+    patch = patch.index_select(0, std::get<1>(sorted));
   }
   return {out, sign_sum, positions, patch, cancel, nonfinite};
 }
