@@ -518,6 +518,20 @@ def _plan(base_ck: Checkpoint, model_cks: List[Checkpoint], canonical: str, p: D
                 report.append(msg + f" -> all {verb} {out_shape} "
                               + ("(new entries: 0 in the base, the base's value in models that lack them)"
                                  if on_mismatch == "pad" else "(trailing entries dropped)"))
+        # a model whose tensor is not floating where the base's is (an integer buffer stored under a weight's
+        # name) cannot be merged as weights: an error, as in the in-memory API (skip: a zero delta, reported)
+        not_float = [i for i, inf in enumerate(infos) if inf is not None and adjust[i + 1] != "zero"
+                     and not inf.dtype.is_floating_point]
+        if not_float:
+            desc = ", ".join(f"model {i}: {str(infos[i].dtype).replace('torch.', '')}" for i in not_float)
+            msg = f"dtype mismatch for {k!r}: base {str(bi.dtype).replace('torch.', '')}, {desc}"
+            if on_mismatch != "skip":
+                problems.append(msg + " (a non-floating tensor cannot be merged as weights)")
+                continue
+            for i in not_float:
+                adjust[i + 1] = "zero"
+                infos[i] = None
+            report.append(msg + f" -> model(s) {not_float} left out of this tensor (zero delta)")
         dtypes = {bi.dtype} | {inf.dtype for inf in infos if inf is not None}
         compute = bi.dtype if len(dtypes) == 1 else torch.float32
         if len(dtypes) > 1:
