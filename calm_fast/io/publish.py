@@ -104,16 +104,20 @@ def _libc():
     return _LIBC
 
 
-def fsync_dir(folder: PathLike) -> None:
-    """fsync a directory (so a rename or a new entry in it survives a power loss)."""
+def fsync_dir(folder: PathLike, strict: bool = False) -> None:
+    """fsync a directory (so a rename or a new entry in it survives a power loss).  ``strict``: raise on
+    failure (before a publish); otherwise best effort (after it, when failing would only mislead)."""
     try:
         fd = os.open(str(folder), os.O_RDONLY | os.O_DIRECTORY)
     except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
+    except OSError:
+        if strict:
+            raise
     finally:
         os.close(fd)
 
@@ -298,8 +302,11 @@ class AtomicOutput:
                 if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                     os.close(fd)
                     continue
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                try:  # the holder's pid, for the other run's message only (a full disk must not stop us here)
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                except OSError:
+                    pass
             except BaseException:
                 os.close(fd)
                 raise
@@ -386,7 +393,7 @@ class AtomicOutput:
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it 0700
         if self.fsync:
-            fsync_dir(staging)
+            fsync_dir(staging, strict=True)
         _fault("before_publish")
         if self.single_file:
             files = os.listdir(staging)
