@@ -474,9 +474,9 @@ def test_output_equal_to_an_input_is_refused(tmp_path, models, variant, overwrit
         models_arg = [str(index), mp[1]]
     before = tree_digest(tmp_path)
     try:
-        with pytest.raises(OutputError, match="input"):
+        with pytest.raises(OutputError, match="the input"):
             merge_checkpoints(base_arg, models_arg, "ta", output=out, overwrite=overwrite)
-        with pytest.raises(OutputError, match="input"):  # a dry run says so too
+        with pytest.raises(OutputError, match="the input"):  # a dry run says so too
             merge_checkpoints(base_arg, models_arg, "ta", output=out, overwrite=overwrite, dry_run=True)
         assert tree_digest(tmp_path) == before
     finally:
@@ -488,7 +488,7 @@ def test_output_equal_to_an_input_cli_exit_code(tmp_path, models, capsys):
     before = tree_digest(tmp_path)
     rc, _, err = run_cli(["merge", "--base", bp, "--model", mp[0], "--model", mp[1], "-m", "ta", "-o", mp[0],
                           "--overwrite", "-q"], capsys)
-    assert rc == cli.EXIT_OUTPUT and "input" in err
+    assert rc == cli.EXIT_OUTPUT and "the input" in err
     assert tree_digest(tmp_path) == before
 
 
