@@ -7,7 +7,11 @@
 Exit codes: 0 success; 1 internal error; 2 bad usage or configuration; 3 unreadable input (missing
 file or shard, corrupt header, bad index); 4 the models do not line up (missing tensors, shape
 mismatch; see ``--on-mismatch``); 5 inf/NaN in a task vector; 6 the output cannot be written (exists,
-disk full); 130 interrupted.
+is or overlaps an input, another run is writing it, disk full); 130 interrupted.
+
+The output (shards, index, config and tokenizer files) is staged in a hidden folder beside ``--out`` and
+published with one rename when complete (``--overwrite`` swaps the whole folder atomically); a failed run
+leaves no output.
 
 YAML schema (``--config``), mergekit-like::
 

@@ -13,9 +13,12 @@ Design points:
 
 * **Validation before heavy work.**  Opening a checkpoint parses every header (a few KB per file) and
   checks it: a sharded index naming a shard that does not exist, a tensor that its shard does not hold,
-  a tensor present in a shard but absent from the index, an out-of-bounds or wrongly sized data range:
+  a tensor present in a shard but absent from the index, an out-of-bounds or wrongly sized data range,
+  a header that is not exactly the safetensors format (non-integer shapes or offsets, bytes that belong
+  to no tensor, a ``__metadata__`` that is not a string map), a shard name that leaves the model folder
+  (``..``, an absolute path, a symlink pointing elsewhere; the Hugging Face cache's ``blobs/`` excepted):
   each raises :class:`~calm_fast.io.errors.CheckpointError` naming the file and tensor, before any tensor
-  data is read.
+  data is read.  Messages never quote the bytes of the file (it may be any file a path pointed at).
 * **Bounded memory.**  safetensors tensors are read with ``pread`` straight into a caller-supplied buffer
   (or a fresh one): no whole-file mapping, so resident memory is what the caller keeps, not the file
   size (a mapped file counts in RSS as its pages are touched).  Slices of a flattened tensor can be
@@ -1015,10 +1018,12 @@ def load_state_dict(source, **kwargs) -> Dict[str, Tensor]:
 
 def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, metadata: Optional[Mapping[str, str]] = None,
                     max_shard_size: Union[None, int, str] = None, dtype=None, overwrite: bool = False) -> List[str]:
-    """Write a state dict as safetensors, atomically (temporary names, renamed when complete).
+    """Write a state dict as safetensors, atomically: staged in a hidden folder beside ``path`` and published
+    with one rename when complete (:class:`~calm_fast.io.publish.AtomicOutput`).
 
     ``path``: a ``.safetensors`` file, or a folder (``model.safetensors``, or ``model-0000i-of-0000n``
-    shards and ``model.safetensors.index.json`` when larger than ``max_shard_size``).  ``dtype`` converts
+    shards and ``model.safetensors.index.json`` when larger than ``max_shard_size``).  ``overwrite``
+    replaces an existing output as a whole (a folder is swapped for the new one).  ``dtype`` converts
     floating tensors.  Tied tensors are written once (aliases recorded in the metadata).  Returns the
     written paths.
     """

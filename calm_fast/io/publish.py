@@ -19,8 +19,8 @@ What it guarantees
   complete old output or the complete new one, never a mix.  (On a filesystem without
   ``RENAME_EXCHANGE`` the swap is two renames: the old folder is first renamed aside to a hidden name,
   so a crash between them leaves no target but the old output intact under that name.)  A single-file
-  target (``x.safetensors``) is published with one ``rename`` (``link`` + ``unlink`` when it must not
-  replace an existing file).
+  target (``x.safetensors``) is published with one ``rename`` too (``RENAME_NOREPLACE`` when it must not
+  replace an existing file; ``link`` + ``unlink`` where that flag is missing).
 * **Checks first.**  Everything that can refuse the output is checked when the context is entered,
   before any work: an existing target without ``overwrite`` (an existing *empty* folder is fine), a
   target that is a symbolic link, a folder to replace that holds anything but model files, an output
@@ -402,7 +402,7 @@ class AtomicOutput:
             src = str(staging / target.name)
             if self.overwrite:
                 os.replace(src, target)
-            else:
+            elif not _renameat2(src, str(target), _RENAME_NOREPLACE):
                 os.link(src, target)  # fails if the target exists: no replacement
                 os.unlink(src)
             self.published = True
