@@ -333,7 +333,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")
     progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
-    report = _JsonReport(args.json, args.dry_run) if args.json else None  # a bad --json path fails here, first
+    report = _JsonReport(args.json, args.dry_run, kwargs.get("output")) if args.json else None  # checked first
     try:
         # the report is written (to a temporary file) before the output is published, so nothing can fail
         # after the output appears; it is renamed into place once the merge returns
@@ -367,13 +367,18 @@ class _JsonReport:
     """``--json FILE``: checked before the merge, written to a temporary file beside FILE before the output
     is published (``stage``), renamed to FILE after it (``finish``)."""
 
-    def __init__(self, path: str, dry_run: bool):
+    def __init__(self, path: str, dry_run: bool, output: Optional[str] = None):
         from .io.errors import ConfigError
 
         self.path, self.dry_run, self.tmp = Path(path), dry_run, None
         if self.path.is_dir() or not self.path.parent.is_dir():
             raise ConfigError(f"--json {path}: " + ("is a folder" if self.path.is_dir() else
                                                      f"the folder {self.path.parent} does not exist"))
+        if output is not None:
+            out = Path(os.path.realpath(output))
+            if out in Path(os.path.realpath(self.path)).parents:
+                raise ConfigError(f"--json {path}: inside the output folder {output}, which is replaced as a whole; "
+                                  "write the report elsewhere")
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".calm-fast-tmp", dir=self.path.parent)
         os.close(fd)
 

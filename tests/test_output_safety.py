@@ -679,6 +679,10 @@ def test_bad_json_path_fails_before_any_output(tmp_path, models, capsys):
     rc, _, err = run_cli(argv + ["--json", str(tmp_path / "no" / "such" / "r.json")], capsys)
     assert rc == cli.EXIT_USAGE and "--json" in err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "o").mkdir()
+    rc, _, err = run_cli(argv + ["--json", str(tmp_path / "o" / "r.json")], capsys)
+    assert rc == cli.EXIT_USAGE and "inside the output" in err
+    assert list((tmp_path / "o").iterdir()) == []
     rc, _, err = run_cli(argv + ["--json", str(tmp_path / "r.json")], capsys)
     assert rc == 0, err
     info = json.loads((tmp_path / "r.json").read_text())
