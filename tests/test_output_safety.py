@@ -699,3 +699,23 @@ def test_failure_just_before_publish_leaves_no_output(tmp_path, models):
     with pytest.raises(OSError):
         merge_checkpoints(bp, mp, "ta", output=tmp_path / "o", before_publish=fail)
     assert not (tmp_path / "o").exists() and hidden_leftovers(tmp_path) == []
+
+
+def test_several_files_saved_as_one_folder(tmp_path):
+    """The pattern of a result's save(dir): state dicts and JSON staged together, published together."""
+    a, b = make_models(T=1)
+    target = tmp_path / "result"
+    with AtomicOutput(target) as out:
+        paths = save_state_dict(a, "masks.safetensors", output=out)
+        save_state_dict(b[0], "model", output=out, max_shard_size=300)  # shards + index in the folder's root
+        out.write_json("result.json", {"ok": True})
+        assert paths == [str(target / "masks.safetensors")] and not target.exists()
+    assert_same(load_state_dict(target / "masks.safetensors"), a)
+    assert_same(load_state_dict(target / "model.safetensors.index.json"), b[0])
+    assert json.loads((target / "result.json").read_text()) == {"ok": True}
+    assert hidden_leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        with AtomicOutput(tmp_path / "r2") as out:
+            save_state_dict(a, "masks.safetensors", output=out)
+            raise RuntimeError("interrupted")
+    assert not (tmp_path / "r2").exists() and hidden_leftovers(tmp_path) == []

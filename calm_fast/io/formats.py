@@ -1017,13 +1017,16 @@ def load_state_dict(source, **kwargs) -> Dict[str, Tensor]:
 
 
 def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, metadata: Optional[Mapping[str, str]] = None,
-                    max_shard_size: Union[None, int, str] = None, dtype=None, overwrite: bool = False) -> List[str]:
+                    max_shard_size: Union[None, int, str] = None, dtype=None, overwrite: bool = False,
+                    output=None) -> List[str]:
     """Write a state dict as safetensors, atomically: staged in a hidden folder beside ``path`` and published
     with one rename when complete (:class:`~calm_fast.io.publish.AtomicOutput`).
 
     ``path``: a ``.safetensors`` file, or a folder (``model.safetensors``, or ``model-0000i-of-0000n``
     shards and ``model.safetensors.index.json`` when larger than ``max_shard_size``).  ``overwrite``
-    replaces an existing output as a whole (a folder is swapped for the new one).  ``dtype`` converts
+    replaces an existing output as a whole (a folder is swapped for the new one).  ``output``: an open
+    :class:`~calm_fast.io.publish.AtomicOutput` to stage the file(s) in instead (``path``'s file name is used
+    inside it; its owner publishes), e.g. to save several state dicts and a JSON file as one folder.  ``dtype`` converts
     floating tensors.  Tied tensors are written once (aliases recorded in the metadata).  Returns the
     written paths.
     """
@@ -1040,7 +1043,8 @@ def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, metadat
     meta = dict(metadata or {})
     if aliases:
         meta.setdefault("calm_fast.aliases", json.dumps(aliases, sort_keys=True))
-    with SafetensorsWriter(path, specs, metadata=meta, max_shard_size=max_shard_size, overwrite=overwrite) as w:
+    with SafetensorsWriter(path, specs, metadata=meta, max_shard_size=max_shard_size, overwrite=overwrite,
+                           output=output) as w:
         for s in specs:
             w.write(s.name, state_dict[s.name].detach().to("cpu", s.dtype))
         w.commit()

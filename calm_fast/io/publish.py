@@ -9,6 +9,11 @@ of result objects) goes through :class:`AtomicOutput`::
         out.write_json("config.json", cfg)              # small files: written and fsync-ed
         # leaving the block without an exception publishes (or call out.publish() yourself)
 
+    # a result object's save(dir): several files, one folder, published together
+    with AtomicOutput(folder, overwrite=overwrite) as out:
+        save_state_dict(masks, "masks.safetensors", output=out)   # staged as <folder>/masks.safetensors
+        out.write_json("result.json", summary)
+
 What it guarantees
 ------------------
 * **One rename.**  Everything is written into ``.<name>.calm-fast-tmp-XXXXXXXX``, a folder created
