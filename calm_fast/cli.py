@@ -7,7 +7,11 @@
 Exit codes: 0 success; 1 internal error; 2 bad usage or configuration; 3 unreadable input (missing
 file or shard, corrupt header, bad index); 4 the models do not line up (missing tensors, shape
 mismatch; see ``--on-mismatch``); 5 inf/NaN in a task vector; 6 the output cannot be written (exists,
-disk full); 130 interrupted.
+is or overlaps an input, another run is writing it, disk full); 130 interrupted.
+
+The output (shards, index, config and tokenizer files) is staged in a hidden folder beside ``--out`` and
+published with one rename when complete (``--overwrite`` swaps the whole folder atomically); a failed run
+leaves no output.
 
 YAML schema (``--config``), mergekit-like::
 
@@ -329,7 +333,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
         raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")
     progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
-    result = merge_checkpoints(progress=progress, **kwargs)
+    report = _JsonReport(args.json, args.dry_run, kwargs.get("output")) if args.json else None  # checked first
+    try:
+        # the report is written (to a temporary file) before the output is published, so nothing can fail
+        # after the output appears; it is renamed into place once the merge returns
+        result = merge_checkpoints(progress=progress, before_publish=report.stage if report else None, **kwargs)
+        if report is not None:
+            report.finish(result)
+    finally:
+        if report is not None:
+            report.discard()
     plan = result.plan
     if args.dry_run or not args.quiet:
         print(plan.describe())  # includes every mismatch action
@@ -347,13 +360,54 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(result.summary())
         _print_phase_table(result)
         print("wrote: " + ", ".join(result.paths[:4]) + (f" (+{len(result.paths) - 4} more)" if len(result.paths) > 4 else ""))
-    if args.json:
-        info = {"method": plan.method, "params": _jsonable(plan.params), "dry_run": args.dry_run,
+    return EXIT_OK
+
+
+class _JsonReport:
+    """``--json FILE``: checked before the merge, written to a temporary file beside FILE before the output
+    is published (``stage``), renamed to FILE after it (``finish``)."""
+
+    def __init__(self, path: str, dry_run: bool, output: Optional[str] = None):
+        from .io.errors import ConfigError
+
+        self.path, self.dry_run, self.tmp = Path(path), dry_run, None
+        if self.path.is_dir() or not self.path.parent.is_dir():
+            raise ConfigError(f"--json {path}: " + ("is a folder" if self.path.is_dir() else
+                                                     f"the folder {self.path.parent} does not exist"))
+        if output is not None:
+            out = Path(os.path.realpath(output))
+            if out in Path(os.path.realpath(self.path)).parents:
+                raise ConfigError(f"--json {path}: inside the output folder {output}, which is replaced as a whole; "
+                                  "write the report elsewhere")
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".calm-fast-tmp", dir=self.path.parent)
+        os.close(fd)
+
+    def stage(self, result) -> None:
+        plan = result.plan
+        info = {"method": plan.method, "params": _jsonable(plan.params), "dry_run": self.dry_run,
                 "report": plan.report, "notes": plan.notes, "timings": result.timings, "paths": result.paths,
                 "bytes_read": result.bytes_read, "bytes_written": result.bytes_written, "passes": result.passes,
                 "memory_estimate": plan.memory_estimate(), "zero_sign": result.zero_sign, "patched": result.patched}
-        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
-    return EXIT_OK
+        with open(self.tmp, "w") as f:
+            f.write(json.dumps(info, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.staged = True
+
+    def finish(self, result) -> None:
+        if not getattr(self, "staged", False):  # dry run or in-memory output: nothing was published
+            self.stage(result)
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = None
 
 
 def _jsonable(x):

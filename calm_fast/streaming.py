@@ -24,8 +24,10 @@ How it runs
   learnt during pass 3; the few cancelled elements are recorded with their output for every possible
   sign and patched in the (still temporary) output files afterwards, exactly as the in-memory method
   patches its tensors.
-* **Output**: each merged piece is written to its final place in a temporary shard as soon as it is
-  computed (:class:`calm_fast.io.SafetensorsWriter`); shards are renamed only when complete.
+* **Output**: each merged piece is written to its final place in its shard as soon as it is computed
+  (:class:`calm_fast.io.SafetensorsWriter`), inside a hidden staging folder beside the output; the
+  index, config and tokenizer files are staged beside the shards, and the folder is published with one
+  rename once everything is complete and synced (:class:`calm_fast.io.AtomicOutput`).
 
 Peak memory is the group buffers (``memory_budget``, split between the group being merged and the one
 being prefetched) plus small histograms: independent of the model size and of the number of models.
@@ -52,6 +54,7 @@ from . import ops, selection
 from .io.errors import CheckpointError, ConfigError, MismatchError, NonFiniteError, OutputError
 from .io.formats import (MERGEABLE_DTYPES, Checkpoint, LoraCheckpoint, element_size, format_bytes,
                          is_lora_adapter, open_checkpoint, parse_dtype, parse_size)
+from .io.publish import AtomicOutput
 from .io.writer import DictWriter, OutputSink, OutputSpec, SafetensorsWriter, copy_aux_files, plan_shards
 
 Tensor = torch.Tensor
@@ -515,6 +518,20 @@ def _plan(base_ck: Checkpoint, model_cks: List[Checkpoint], canonical: str, p: D
                 report.append(msg + f" -> all {verb} {out_shape} "
                               + ("(new entries: 0 in the base, the base's value in models that lack them)"
                                  if on_mismatch == "pad" else "(trailing entries dropped)"))
+        # a model whose tensor is not floating where the base's is (an integer buffer stored under a weight's
+        # name) cannot be merged as weights: an error, as in the in-memory API (skip: a zero delta, reported)
+        not_float = [i for i, inf in enumerate(infos) if inf is not None and adjust[i + 1] != "zero"
+                     and not inf.dtype.is_floating_point]
+        if not_float:
+            desc = ", ".join(f"model {i}: {str(infos[i].dtype).replace('torch.', '')}" for i in not_float)
+            msg = f"dtype mismatch for {k!r}: base {str(bi.dtype).replace('torch.', '')}, {desc}"
+            if on_mismatch != "skip":
+                problems.append(msg + " (a non-floating tensor cannot be merged as weights)")
+                continue
+            for i in not_float:
+                adjust[i + 1] = "zero"
+                infos[i] = None
+            report.append(msg + f" -> model(s) {not_float} left out of this tensor (zero delta)")
         dtypes = {bi.dtype} | {inf.dtype for inf in infos if inf is not None}
         compute = bi.dtype if len(dtypes) == 1 else torch.float32
         if len(dtypes) > 1:
@@ -966,6 +983,7 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
                       dry_run: bool = False, overwrite: bool = False, progress: bool = False,
                       trust_pickle: bool = False, nonfinite: str = "error", prefetch: bool = True,
                       copy_config: bool = True, metadata: Optional[Mapping[str, Any]] = None, device=None,
+                      before_publish: Optional[Callable[["StreamResult"], None]] = None,
                       **params) -> StreamResult:
     """Merge checkpoints with bounded memory; results equal the in-memory ``calm_fast.<method>`` bit for bit.
 
@@ -995,8 +1013,12 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
         memory_budget: bytes for the group buffers (both prefetch slots together); tensors above it are
             processed in slices.
         max_shard_size: shard size of a folder output.
-        dry_run: plan, validate and estimate only; nothing is read beyond headers and nothing is written.
-        overwrite: replace an existing output.
+        dry_run: plan, validate and estimate only; nothing is read beyond headers and nothing is written
+            (the output checks below still run).
+        overwrite: replace an existing output, as a whole (a folder is swapped for the new one atomically; a
+            folder holding anything but model files is refused).  Without it an existing output (other than
+            an empty folder) is an error, raised before any work.  An output that is, contains or is inside
+            an input (symlinks resolved) is always refused.
         trust_pickle: allow arbitrary pickles in ``.pt``/``.bin`` inputs (open_clip ImageEncoder files).
         nonfinite: 'error' (inf/NaN in a task vector raises, naming the tensor) or 'propagate'.
         prefetch: read the next group in a background thread while merging the current one.
@@ -1005,6 +1027,13 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
         device: run the ops on this device (e.g. 'cuda'); pieces are read on the CPU and copied over.
             Not yet tuned (no pinned buffers / overlapped copies); CPU is the tested path.
         progress: tqdm progress bars (bytes read, ETA) per pass on stderr.
+        before_publish: called with the result once every output file is staged and complete, just before
+            the output is published (with one rename); an exception in it discards the output.  The CLI
+            writes its ``--json`` report here, so that no check can fail after the output appears.
+
+    Output: every file (shards, index, ``config.json`` and tokenizer files) is written into a hidden
+    staging folder beside ``output`` and published with one rename (see :class:`calm_fast.io.AtomicOutput`),
+    under an exclusive lock: a concurrent run on the same output fails at once with :class:`OutputError`.
     """
     t_start = time.perf_counter()
     if dtype is not None and out_dtype is None:
@@ -1022,56 +1051,89 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
                       trust_pickle=trust_pickle, **params)
     timer.add("plan", time.perf_counter() - t0)
     result = StreamResult(plan, dry_run=dry_run)
-    if output is not None:
-        try:
-            layouts = plan_shards(plan.out_specs, max_shard_size if Path(output).suffix != ".safetensors" else None)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        if not overwrite:
-            out = Path(output)
-            finals = [out] if out.suffix == ".safetensors" else [out / l.filename for l in layouts]
-            exist = [str(f) for f in finals if f.exists()]
-            if exist:
-                raise OutputError(f"output already exists: {exist[:3]} (use overwrite=True / --overwrite)")
-    if dry_run:
-        result.timings = dict(timer.t, total=time.perf_counter() - t_start)
-        return result
-    meta = _default_metadata(plan, {"base": _describe_source(base), "models": [_describe_source(m) for m in models],
-                                    "out_dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
-                                    "include": include, "exclude": exclude,
-                                    "on_mismatch": on_mismatch if plan.report else None}, metadata)
-    if output is None:
-        sink: OutputSink = DictWriter(plan.out_specs)
-    else:
-        sink = SafetensorsWriter(output, plan.out_specs, metadata=meta,
-                                 max_shard_size=max_shard_size if Path(output).suffix != ".safetensors" else None,
-                                 overwrite=overwrite)
+    publisher: Optional[AtomicOutput] = None
     try:
-        with sink:
-            engine = _Engine(plan, sink, timer, progress=progress, nonfinite=nonfinite, device=device,
-                             async_write=prefetch)
-            engine.run()
-            t0 = time.perf_counter()
-            committed = sink.commit()
-            timer.add("write", time.perf_counter() - t0)
-            result.passes, result.bytes_read, result.patched, result.zero_sign = (
-                engine.passes, engine.bytes_read, engine.patched, engine.zero_sign)
-            result.remerged = engine.remerged
-            result.bracket_fallbacks = engine.bracket_fallbacks
-            result.bytes_written = plan.output_bytes()
-        if output is None:
-            result.state_dict = committed
+        if output is not None:
+            single = Path(output).suffix == ".safetensors"
+            try:
+                plan_shards(plan.out_specs, None if single else max_shard_size)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+            publisher = AtomicOutput(output, overwrite=overwrite, single_file=single,
+                                     protect=input_paths([base] + list(models), [plan.base] + plan.models))
+            publisher.check()  # output = an input, an existing output: refused before any work (dry runs too)
+        if dry_run:
+            result.timings = dict(timer.t, total=time.perf_counter() - t_start)
+            return result
+        meta = _default_metadata(plan, {"base": _describe_source(base),
+                                        "models": [_describe_source(m) for m in models],
+                                        "out_dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
+                                        "include": include, "exclude": exclude,
+                                        "on_mismatch": on_mismatch if plan.report else None}, metadata)
+        if publisher is None:
+            sink: OutputSink = DictWriter(plan.out_specs)
+            result.state_dict = _run_engine(plan, sink, timer, result, progress, nonfinite, device, prefetch)
         else:
-            result.paths = list(committed)
-            src = base if isinstance(base, (str, os.PathLike)) else None
-            if copy_config and src is not None and Path(src).is_dir() and Path(output).suffix != ".safetensors":
-                result.paths += copy_aux_files(src, output, parse_dtype(out_dtype), overwrite=overwrite)
+            # everything (shards, index, config and tokenizer files) is staged in one hidden folder and
+            # published with one rename after the last check; any failure before that leaves no output
+            with publisher:
+                sink = SafetensorsWriter(output, plan.out_specs, metadata=meta, output=publisher,
+                                         max_shard_size=None if single else max_shard_size, overwrite=overwrite)
+                result.paths = list(_run_engine(plan, sink, timer, result, progress, nonfinite, device, prefetch))
+                src = base if isinstance(base, (str, os.PathLike)) else None
+                if copy_config and src is not None and Path(src).is_dir() and not single:
+                    result.paths += copy_aux_files(src, publisher, out_dtype)
+                if before_publish is not None:
+                    result.timings = dict(timer.t, total=time.perf_counter() - t_start)
+                    before_publish(result)
+                t0 = time.perf_counter()
+                publisher.publish()
+                timer.add("write", time.perf_counter() - t0)
     finally:
         for ck, src in zip([plan.base] + plan.models, [base] + list(models)):
             if not isinstance(src, Checkpoint):
                 ck.close()
     result.timings = dict(timer.t, total=time.perf_counter() - t_start)
     return result
+
+
+def _run_engine(plan: MergePlan, sink: OutputSink, timer: _Timer, result: StreamResult, progress: bool,
+                nonfinite: str, device, prefetch: bool):
+    """Run every pass into ``sink`` and finish it (for a folder: files complete and synced, not yet
+    published); returns what the sink's commit returns."""
+    with sink:
+        engine = _Engine(plan, sink, timer, progress=progress, nonfinite=nonfinite, device=device,
+                         async_write=prefetch)
+        engine.run()
+        t0 = time.perf_counter()
+        committed = sink.commit()
+        timer.add("write", time.perf_counter() - t0)
+    result.passes, result.bytes_read, result.patched, result.zero_sign = (
+        engine.passes, engine.bytes_read, engine.patched, engine.zero_sign)
+    result.remerged = engine.remerged
+    result.bracket_fallbacks = engine.bracket_fallbacks
+    result.bytes_written = plan.output_bytes()
+    return committed
+
+
+def input_paths(sources: Sequence[Any], checkpoints: Sequence[Checkpoint] = ()) -> List[str]:
+    """The paths an output must stay clear of: every input given as a path (a folder, or a file; for a
+    sharded index its folder, where the shards are) and every file the opened checkpoints read."""
+    out: List[str] = []
+    for src in sources:
+        if isinstance(src, (str, os.PathLike)):
+            p = Path(src)
+            out.append(str(p))
+            if p.is_file() and p.name.endswith(".index.json"):
+                out.append(str(p.parent))
+        elif isinstance(src, Checkpoint):
+            out.extend(src.paths)
+    for ck in checkpoints:
+        out.extend(getattr(ck, "paths", []) or [])
+        base = getattr(ck, "base", None)  # a LoRA adapter reads its base too
+        if isinstance(base, Checkpoint):
+            out.extend(base.paths)
+    return list(dict.fromkeys(out))
 
 
 class _Engine:

@@ -212,11 +212,15 @@ def test_sigterm_mid_merge_cleans_up(tmp_path):
                              "-o", str(out), "--memory-budget", "8KiB", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not (out.exists() and any(out.iterdir())):
+    def staged():  # the hidden staging folder beside the output holds the shard being written
+        return [d for d in tmp_path.glob(".out.calm-fast-tmp-*") if any(d.iterdir())]
+
+    while time.time() < deadline and not staged():
         time.sleep(0.01)
     assert proc.poll() is None, "the merge finished before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == cli.EXIT_INTERRUPTED, err
     assert "interrupted" in err
-    assert list(out.iterdir()) == []
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out*"))  # staging folder and lock removed

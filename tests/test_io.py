@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from calm_fast.io import (CheckpointError, LoraCheckpoint, OutputError, OutputSpec, SafetensorsWriter,
                           StateDictCheckpoint, find_aliases, load_state_dict, lora_deltas, open_checkpoint,
                           parse_dtype, parse_size, save_state_dict)
-from calm_fast.io.writer import TMP_SUFFIX, DictWriter, copy_aux_files
+from calm_fast.io.publish import STAGING_MARK
+from calm_fast.io.writer import DictWriter, copy_aux_files
 
 
 def _sd(seed=0, dtype=torch.float32):
@@ -420,8 +421,8 @@ def test_writer_refuses_incomplete_output(tmp_path):
         w.write(list(sd)[-1], sd[list(sd)[-1]].reshape(-1)[:1])  # only a part
         with pytest.raises(OutputError, match="not .fully. written"):
             w.commit()
-    assert not (tmp_path / "o" / "model.safetensors").exists()
-    assert not [p for p in (tmp_path / "o").iterdir()]  # temporary file removed too
+    assert not (tmp_path / "o").exists()
+    assert list(tmp_path.iterdir()) == []  # staging folder and lock removed too
     with pytest.raises(OutputError, match="declared"):
         with SafetensorsWriter(tmp_path / "o2", _specs(sd)) as w:
             w.write("layers.0.bias", sd["layers.0.bias"].double())
@@ -435,12 +436,12 @@ def test_writer_exception_mid_write_leaves_no_final_file(tmp_path):
                 if i == 3:
                     raise RuntimeError("boom")
                 w.write(k, sd[k])
-    assert list((tmp_path / "o").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no output folder, no staging folder, no lock
     with pytest.raises(CheckpointError):
         open_checkpoint(tmp_path / "o")
 
 
-def test_hard_kill_mid_write_leaves_only_hidden_temporaries(tmp_path):
+def test_hard_kill_mid_write_leaves_only_hidden_staging(tmp_path):
     script = textwrap.dedent(f"""
         import os, torch
         from calm_fast.io import OutputSpec, SafetensorsWriter
@@ -452,10 +453,14 @@ def test_hard_kill_mid_write_leaves_only_hidden_temporaries(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", script])
     assert r.returncode == 9
-    names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names and all(n.startswith(".") and n.endswith(TMP_SUFFIX) for n in names), names
-    with pytest.raises(CheckpointError, match="no model weights"):
-        open_checkpoint(tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names and all(n.startswith(".o.calm-fast-") for n in names), names
+    assert any(STAGING_MARK in n for n in names)
+    # the next run on the same output removes the dead run's staging folder and succeeds
+    save_state_dict({"t": torch.ones(3)}, tmp_path / "o")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert torch.equal(load_state_dict(tmp_path / "o")["t"], torch.ones(3))
 
 
 def test_writer_overwrite_and_stale_shards(tmp_path):

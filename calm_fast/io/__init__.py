@@ -5,6 +5,7 @@
   PEFT LoRA adapters (as full deltas on their base).
 * :func:`load_state_dict` / :func:`save_state_dict` — whole state dicts in and out.
 * :class:`SafetensorsWriter` — sharded, crash-safe output written piece by piece.
+* :class:`AtomicOutput` — stage any output folder (or file) and publish it with one rename.
 """
 from .errors import (CalmFastIOError, CheckpointError, ConfigError, MismatchError, NonFiniteError,
                      OutputError)
@@ -12,6 +13,7 @@ from .formats import (Checkpoint, LoraCheckpoint, SafetensorsCheckpoint, Safeten
                       TensorInfo, TorchCheckpoint, extract_state_dict, find_aliases, format_bytes, is_lora_adapter,
                       load_state_dict, lora_deltas, open_checkpoint, parse_dtype, parse_size, resolve_path,
                       save_state_dict, torch_load)
+from .publish import AtomicOutput, atomic_write_file
 from .writer import (DictWriter, OutputSpec, SafetensorsWriter, copy_aux_files, plan_shards)
 
 __all__ = [
@@ -19,5 +21,5 @@ __all__ = [
     "Checkpoint", "LoraCheckpoint", "SafetensorsCheckpoint", "SafetensorsFile", "StateDictCheckpoint", "TensorInfo",
     "TorchCheckpoint", "extract_state_dict", "find_aliases", "format_bytes", "is_lora_adapter", "load_state_dict",
     "lora_deltas", "open_checkpoint", "parse_dtype", "parse_size", "resolve_path", "save_state_dict", "torch_load",
-    "DictWriter", "OutputSpec", "SafetensorsWriter", "copy_aux_files", "plan_shards",
+    "AtomicOutput", "atomic_write_file", "DictWriter", "OutputSpec", "SafetensorsWriter", "copy_aux_files", "plan_shards",
 ]

@@ -13,9 +13,12 @@ Design points:
 
 * **Validation before heavy work.**  Opening a checkpoint parses every header (a few KB per file) and
   checks it: a sharded index naming a shard that does not exist, a tensor that its shard does not hold,
-  a tensor present in a shard but absent from the index, an out-of-bounds or wrongly sized data range:
+  a tensor present in a shard but absent from the index, an out-of-bounds or wrongly sized data range,
+  a header that is not exactly the safetensors format (non-integer shapes or offsets, bytes that belong
+  to no tensor, a ``__metadata__`` that is not a string map), a shard name that leaves the model folder
+  (``..``, an absolute path, a symlink pointing elsewhere; the Hugging Face cache's ``blobs/`` excepted):
   each raises :class:`~calm_fast.io.errors.CheckpointError` naming the file and tensor, before any tensor
-  data is read.
+  data is read.  Messages never quote the bytes of the file (it may be any file a path pointed at).
 * **Bounded memory.**  safetensors tensors are read with ``pread`` straight into a caller-supplied buffer
   (or a fresh one): no whole-file mapping, so resident memory is what the caller keeps, not the file
   size (a mapped file counts in RSS as its pages are touched).  Slices of a flattened tensor can be
@@ -233,6 +236,10 @@ class Checkpoint:
         self.close()
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _empty_buffer(nbytes: int, out: Optional[Tensor]) -> Tensor:
     if out is not None:
         if out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous() or out.device.type != "cpu":
@@ -274,49 +281,71 @@ class SafetensorsFile:
             raise
 
     def _parse(self):
+        # messages never quote the file's bytes (it may be any file an index or a path pointed at)
         where = self.path
         if self.size < 8:
             raise CheckpointError(f"{where}: not a safetensors file ({self.size} bytes)")
         (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
         if n > _MAX_HEADER or n > self.size - 8:
-            raise CheckpointError(f"{where}: invalid safetensors header length {n} (file has {self.size} bytes; "
-                                  "truncated download or not a safetensors file?)")
+            raise CheckpointError(f"{where}: not a safetensors file, or truncated: its header length field does not "
+                                  f"fit the file ({self.size} bytes)")
         raw = os.pread(self._fd, n, 8)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{where}: corrupt safetensors header ({e})") from e
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{where}: not a safetensors file (its header is not UTF-8 JSON)") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{where}: corrupt safetensors header (invalid JSON at byte {e.pos})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{where}: corrupt safetensors header (not a JSON object)")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{where}: corrupt safetensors header ('__metadata__' must map names to strings)")
         data_start = 8 + n
         data_len = self.size - data_start
         entries: Dict[str, _StEntry] = {}
         for name, e in header.items():
-            try:
-                dtype = _ST_DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                a, b = (int(x) for x in e["data_offsets"])
-            except KeyError as err:
-                if isinstance(e, dict) and "dtype" in e and e["dtype"] not in _ST_DTYPES:
-                    raise CheckpointError(f"{where}: tensor {name!r} has unsupported dtype {e['dtype']!r}") from err
-                raise CheckpointError(f"{where}: malformed header entry for tensor {name!r}: {e!r}") from err
-            except (TypeError, ValueError) as err:
-                raise CheckpointError(f"{where}: malformed header entry for tensor {name!r}: {e!r}") from err
+            bad = f"{where}: malformed header entry for tensor {name[:200]!r}"
+            if not isinstance(e, dict):
+                raise CheckpointError(f"{bad} (not a JSON object)")
+            dt, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+            if not isinstance(dt, str):
+                raise CheckpointError(f"{bad} ('dtype' missing or not a string)")
+            if dt not in _ST_DTYPES:
+                raise CheckpointError(f"{where}: tensor {name[:200]!r} has unsupported dtype {dt[:40]!r}")
+            if not isinstance(shape, list) or not all(_is_int(x) for x in shape):
+                raise CheckpointError(f"{bad} ('shape' must be a list of integers)")
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets):
+                raise CheckpointError(f"{bad} ('data_offsets' must be two integers)")
+            dtype = _ST_DTYPES[dt]
+            shape = tuple(shape)
+            a, b = offsets
             info = TensorInfo(shape, dtype)
             if any(s < 0 for s in shape) or not (0 <= a <= b):
                 raise CheckpointError(f"{where}: tensor {name!r} has invalid shape/offsets {shape} {[a, b]}")
             if b - a != info.nbytes:
                 raise CheckpointError(f"{where}: tensor {name!r} has {b - a} bytes of data but shape {list(shape)} "
-                                      f"{e['dtype']} needs {info.nbytes}")
+                                      f"{dt} needs {info.nbytes}")
             if b > data_len:
                 raise CheckpointError(f"{where}: tensor {name!r} ends at byte {b} but the file holds only {data_len} "
                                       "data bytes (truncated file?)")
             entries[name] = _StEntry(info, data_start + a, data_start + b)
-        spans = sorted((e.begin, e.end, k) for k, e in entries.items() if e.end > e.begin)
-        for (a0, b0, k0), (a1, b1, k1) in zip(spans, spans[1:]):
-            if a1 < b0:
-                raise CheckpointError(f"{where}: tensors {k0!r} and {k1!r} overlap in the file")
+        # as the safetensors format requires: the tensors tile the data section exactly (no overlap, no hole,
+        # nothing after the last tensor)
+        pos = data_start
+        prev = None
+        for begin, end, k in sorted((e.begin, e.end, k) for k, e in entries.items()):
+            if begin < pos:
+                raise CheckpointError(f"{where}: tensors {prev!r} and {k!r} overlap in the file")
+            if begin > pos:
+                raise CheckpointError(f"{where}: {begin - pos} bytes before tensor {k!r} belong to no tensor "
+                                      "(corrupt header)")
+            pos, prev = end, k
+        if pos != self.size:
+            raise CheckpointError(f"{where}: {self.size - pos} bytes after the last tensor belong to no tensor "
+                                  "(corrupt file or header)")
         return entries, metadata, data_start
 
     def read_bytes(self, begin: int, nbytes: int, out: Optional[Tensor] = None) -> Tensor:
@@ -350,6 +379,39 @@ class SafetensorsFile:
             pass
 
 
+def check_shard_names(index_path: Path, weight_map: Mapping[str, Any]) -> List[str]:
+    """The sorted shard names of an index's ``weight_map``, each checked to name a file inside the model
+    folder: a relative path without ``..``, and (symlinks resolved) still inside the folder.  The one
+    exception is the Hugging Face hub cache, whose ``snapshots/<revision>/`` files are symlinks into the
+    repository's ``blobs/`` folder.  Anything else raises :class:`CheckpointError` (an index must not
+    make the reader open files outside its model)."""
+    bad_values = [k for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad_values:
+        raise CheckpointError(f"{index_path}: weight_map values must be shard file names (strings); "
+                              f"{len(bad_values)} are not, e.g. for {bad_values[:3]}")
+    folder = index_path.parent
+    real_folder = Path(os.path.realpath(folder))
+    allowed = [real_folder]
+    if real_folder.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<rev>/ -> ../../blobs/
+        allowed.append(real_folder.parent.parent / "blobs")
+    shards = sorted(set(weight_map.values()))
+    for s in shards:
+        parts = s.replace("\\", "/").split("/")
+        if not s or os.path.isabs(s) or s.startswith(("/", "\\")) or ".." in parts or "\0" in s or \
+                re.match(r"^[A-Za-z]:", s):
+            raise CheckpointError(f"{index_path}: shard name {s[:200]!r} is not a file name inside the model folder "
+                                  "(absolute paths and '..' are refused)")
+        real = Path(os.path.realpath(folder / s))
+        if not any(_within(real, a) for a in allowed):
+            raise CheckpointError(f"{index_path}: shard {s[:200]!r} is a symbolic link that leads outside the model "
+                                  f"folder ({real}); refused")
+    return shards
+
+
+def _within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
 class SafetensorsCheckpoint(Checkpoint):
     """A single ``.safetensors`` file or a sharded set described by a ``*.safetensors.index.json``."""
 
@@ -380,13 +442,16 @@ class SafetensorsCheckpoint(Checkpoint):
             index = json.loads(index_path.read_text())
         except OSError as e:
             raise CheckpointError(f"cannot read index {index_path}: {e.strerror or e}") from e
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index_path}: corrupt index JSON ({e})") from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index_path}: corrupt index JSON ({type(e).__name__})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: index has no 'weight_map'")
-        self.metadata = dict(index.get("metadata") or {})
-        shards = sorted(set(weight_map.values()))
+        meta = index.get("metadata")
+        if meta is not None and not isinstance(meta, dict):
+            raise CheckpointError(f"{index_path}: the index's 'metadata' is not a JSON object")
+        self.metadata = dict(meta or {})
+        shards = check_shard_names(index_path, weight_map)
         folder = index_path.parent
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -578,6 +643,14 @@ def extract_state_dict(obj: Any, where: str) -> Dict[str, Tensor]:
     raise CheckpointError(f"{where}: holds a {type(obj).__module__}.{type(obj).__name__}, not a state dict or module")
 
 
+def _safe_reason(e: BaseException) -> str:
+    """The first line of an exception's message, without quoted bytes of the file (pickle's "invalid load
+    key, 'x'" quotes the file's first byte: the file may be anything a path pointed at)."""
+    lines = str(e).splitlines()
+    first = lines[0] if lines else type(e).__name__
+    return re.sub(r"invalid load key, .*", "invalid pickle data (not a torch checkpoint?)", first)[:300]
+
+
 def torch_load(path: PathLike, trust_pickle: bool = False, stub_missing_classes: bool = True,
                mmap: bool = True) -> Tuple[Any, List[str]]:
     """``torch.load`` on CPU: ``weights_only`` unless ``trust_pickle``; memory-mapped when possible.
@@ -603,12 +676,12 @@ def torch_load(path: PathLike, trust_pickle: bool = False, stub_missing_classes:
     except pickle.UnpicklingError as e:
         if not trust_pickle:
             raise CheckpointError(
-                f"{path}: cannot be loaded with weights_only=True ({str(e).splitlines()[0][:300]}). If you trust "
+                f"{path}: cannot be loaded with weights_only=True ({_safe_reason(e)}). If you trust "
                 "this file (e.g. an open_clip ImageEncoder checkpoint from the task-vector papers), pass "
                 "trust_pickle=True (CLI: --trust-pickle); pickles can run arbitrary code.") from e
-        raise CheckpointError(f"{path}: unpickling failed: {e}") from e
+        raise CheckpointError(f"{path}: unpickling failed: {_safe_reason(e)}") from e
     except Exception as e:
-        raise CheckpointError(f"{path}: torch.load failed: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path}: torch.load failed: {type(e).__name__}: {_safe_reason(e)}") from e
     return obj, stubbed
 
 
@@ -637,9 +710,11 @@ class TorchCheckpoint(StateDictCheckpoint):
     def _load_index(index_path: Path, trust_pickle, stub_missing, stubbed, paths) -> Dict[str, Tensor]:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index_path}: unreadable index ({e})") from e
-        shards = sorted(set(weight_map.values()))
+        except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index_path}: unreadable index ({type(e).__name__})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: index has no 'weight_map'")
+        shards = check_shard_names(index_path, weight_map)
         missing = [s for s in shards if not (index_path.parent / s).is_file()]
         if missing:
             raise CheckpointError(f"{index_path}: shard file(s) named in the index do not exist: {missing[:5]}")
@@ -942,11 +1017,16 @@ def load_state_dict(source, **kwargs) -> Dict[str, Tensor]:
 
 
 def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, metadata: Optional[Mapping[str, str]] = None,
-                    max_shard_size: Union[None, int, str] = None, dtype=None, overwrite: bool = False) -> List[str]:
-    """Write a state dict as safetensors, atomically (temporary names, renamed when complete).
+                    max_shard_size: Union[None, int, str] = None, dtype=None, overwrite: bool = False,
+                    output=None) -> List[str]:
+    """Write a state dict as safetensors, atomically: staged in a hidden folder beside ``path`` and published
+    with one rename when complete (:class:`~calm_fast.io.publish.AtomicOutput`).
 
     ``path``: a ``.safetensors`` file, or a folder (``model.safetensors``, or ``model-0000i-of-0000n``
-    shards and ``model.safetensors.index.json`` when larger than ``max_shard_size``).  ``dtype`` converts
+    shards and ``model.safetensors.index.json`` when larger than ``max_shard_size``).  ``overwrite``
+    replaces an existing output as a whole (a folder is swapped for the new one).  ``output``: an open
+    :class:`~calm_fast.io.publish.AtomicOutput` to stage the file(s) in instead (``path``'s file name is used
+    inside it; its owner publishes), e.g. to save several state dicts and a JSON file as one folder.  ``dtype`` converts
     floating tensors.  Tied tensors are written once (aliases recorded in the metadata).  Returns the
     written paths.
     """
@@ -963,7 +1043,8 @@ def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, metadat
     meta = dict(metadata or {})
     if aliases:
         meta.setdefault("calm_fast.aliases", json.dumps(aliases, sort_keys=True))
-    with SafetensorsWriter(path, specs, metadata=meta, max_shard_size=max_shard_size, overwrite=overwrite) as w:
+    with SafetensorsWriter(path, specs, metadata=meta, max_shard_size=max_shard_size, overwrite=overwrite,
+                           output=output) as w:
         for s in specs:
             w.write(s.name, state_dict[s.name].detach().to("cpu", s.dtype))
         w.commit()

@@ -5,11 +5,14 @@ out each shard up front: it writes the complete header, sizes the file, and then
 slice of a tensor) is ``pwrite``-n straight to its final place as soon as it is computed.  Nothing is
 buffered beyond the tensor being written and no file is copied afterwards.
 
-Crash safety: shards are written under hidden temporary names (``.model-00001-of-00002.safetensors
-.calm-fast-tmp``) and renamed only after every byte of every tensor has been written and synced; for a
-sharded output the index is written last (the file that makes a folder look like a model).  An
-exception aborts the writer and deletes the temporary files; a hard kill leaves only the hidden
-temporary files, which no loader picks up.  Existing outputs are never overwritten unless asked.
+Crash safety: every file of the output (shards, the index of a sharded output, and whatever the caller
+stages beside them: config and tokenizer files, metadata) is written into one hidden staging folder
+created exclusively beside the target, and the whole folder is published with one rename only after
+every byte of every tensor has been written and synced (see :mod:`calm_fast.io.publish`).  An exception
+discards the staging folder, so nothing appears at the target; a hard kill leaves only the hidden
+staging folder, which no loader picks up and the next run on that target removes.  An existing output
+is replaced only when asked (``overwrite``), as a whole, and atomically: the target is always either the
+complete old output or the complete new one.
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ import torch
 
 from .errors import OutputError
 from .formats import element_size, format_bytes, parse_size, safetensors_dtype_name
+from .publish import AtomicOutput, atomic_write_file
 
 Tensor = torch.Tensor
-TMP_SUFFIX = ".calm-fast-tmp"
 DEFAULT_SHARD_SIZE = 5 * 1000 ** 3
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -178,18 +181,22 @@ class SafetensorsWriter(OutputSink):
         with SafetensorsWriter(out_dir, specs, metadata=meta, max_shard_size="5GB") as w:
             w.write(name, tensor)                 # whole tensor, or
             w.write(name, flat_piece, start=i)    # elements [i, i + len) of the flattened tensor
-            w.commit()                            # verify, sync, rename, write the index
+            w.commit()                            # verify, sync, write the index, publish
+
+    The files are written into the staging folder of an :class:`~calm_fast.io.publish.AtomicOutput`
+    (created here, or passed as ``output=`` by a caller that stages more files beside the weights and
+    publishes itself; :meth:`commit` then only finishes the files).  ``protect``: input paths the output
+    must not touch (see :class:`~calm_fast.io.publish.AtomicOutput`).
     """
 
     def __init__(self, path: Union[str, os.PathLike], specs: Sequence[OutputSpec], *,
                  metadata: Optional[Mapping[str, str]] = None, max_shard_size: Union[None, int, str] = DEFAULT_SHARD_SIZE,
-                 overwrite: bool = False, fsync: bool = True):
+                 overwrite: bool = False, fsync: bool = True, output: Optional[AtomicOutput] = None,
+                 protect: Sequence[Union[str, os.PathLike]] = ()):
         path = Path(path)
-        if path.suffix == ".safetensors":
-            self.folder, single = path.parent, path.name
-        else:
-            self.folder, single = path, None
+        single = path.name if path.suffix == ".safetensors" else None
         self._single_name = single is not None
+        self.folder = path.parent if single else path
         # transformers refuses safetensors files without format metadata
         self.metadata = {"format": "pt", **dict(metadata or {})}
         self.layouts = plan_shards(specs, max_shard_size, self.metadata, single)
@@ -202,42 +209,42 @@ class SafetensorsWriter(OutputSink):
             for s in lay.specs:
                 self._where[s.name] = (i, len(lay.header) + lay.offsets[s.name], s)
         self._coverage = {name: _Coverage() for name in self._where}
-        self.final_paths = [str(self.folder / lay.filename) for lay in self.layouts]
-        if self.sharded:
-            self.final_paths.append(str(self.folder / INDEX_NAME))
-        self._check_target()
         self._fds: List[int] = []
-        self._tmp_paths: List[str] = []
+        self._owns_output = output is None
+        if output is None:
+            output = AtomicOutput(path, overwrite=overwrite, single_file=single is not None, protect=protect,
+                                  fsync=fsync).open()
+        elif output.staging is None:
+            raise OutputError("SafetensorsWriter(output=...) needs an open AtomicOutput")
+        self.output = output
+        self.final_paths = [output.final_path(lay.filename) for lay in self.layouts]
+        if self.sharded:
+            self.final_paths.append(output.final_path(INDEX_NAME))
+        self._tmp_paths = [str(output.staging / lay.filename) for lay in self.layouts]
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
             self._check_space()
             for lay in self.layouts:
-                tmp = str(self.folder / ("." + lay.filename + TMP_SUFFIX))
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = output.create(lay.filename)
                 self._fds.append(fd)
-                self._tmp_paths.append(tmp)
                 os.pwrite(fd, lay.header, 0)
                 os.ftruncate(fd, lay.file_bytes)
-        except OSError as e:
+        except BaseException as e:
             self.abort()
-            raise OutputError(f"cannot create the output in {self.folder}: {e.strerror or e}") from e
+            if isinstance(e, OSError) and not isinstance(e, OutputError):
+                raise OutputError(f"cannot create the output {path}: {e.strerror or e}") from e
+            raise
 
     # -- checks --------------------------------------------------------------------------------
-    def _check_target(self) -> None:
-        existing = [p for p in self.final_paths if os.path.exists(p)]
-        if existing and not self.overwrite:
-            raise OutputError(f"output already exists: {existing[:3]} (pass overwrite=True / --overwrite to replace it)")
-
     def _check_space(self) -> None:
         need = sum(lay.file_bytes for lay in self.layouts)
         try:
-            st = os.statvfs(self.folder)
+            st = os.statvfs(self.output.staging)
         except OSError:  # pragma: no cover
             return
         free = st.f_bavail * st.f_frsize
         if need > free:
-            raise OutputError(f"not enough disk space in {self.folder}: the output needs {format_bytes(need)}, "
-                              f"{format_bytes(free)} free")
+            raise OutputError(f"not enough disk space in {self.output.target.parent}: the output needs "
+                              f"{format_bytes(need)}, {format_bytes(free)} free")
 
     # -- writing -------------------------------------------------------------------------------
     def _pwrite(self, fd: int, data: Tensor, offset: int) -> None:
@@ -318,8 +325,9 @@ class SafetensorsWriter(OutputSink):
         return [n for n, (_, _, s) in self._where.items() if not self._coverage[n].complete(s.numel)]
 
     def commit(self) -> List[str]:
-        """Verify that every tensor was fully written, sync, and rename the shards to their final names
-        (the index last).  Returns the final paths."""
+        """Verify that every tensor was fully written, sync and close the files, write the index of a
+        sharded output, and publish the folder (or file) with one rename (unless the :class:`AtomicOutput`
+        was passed in: its owner publishes).  Returns the final paths."""
         if self.committed:
             return self.final_paths
         missing = self.missing()
@@ -327,61 +335,36 @@ class SafetensorsWriter(OutputSink):
             raise OutputError(f"refusing to finish the output: {len(missing)} tensor(s) were not (fully) written: "
                               f"{missing[:5]}")
         try:
-            self._check_target()
             for fd in self._fds:
                 if self.fsync:
                     os.fsync(fd)
+            for fd in self._fds:
                 os.close(fd)
             self._fds = []
-            stale = self._stale_files()
-            for tmp, lay in zip(self._tmp_paths, self.layouts):
-                os.replace(tmp, self.folder / lay.filename)
-            self._tmp_paths = []
             if self.sharded:
                 index = {"metadata": {"total_size": sum(lay.data_bytes for lay in self.layouts), **self.metadata},
                          "weight_map": {s.name: lay.filename for lay in self.layouts for s in lay.specs}}
-                atomic_write_bytes(self.folder / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode(), self.fsync)
-            for p in stale:
-                try:
-                    os.remove(p)
-                except OSError:
-                    pass
-            if self.fsync:
-                _fsync_dir(self.folder)
-        except OSError as e:
+                self.output.write_json(INDEX_NAME, index)
+            if self._owns_output:
+                self.output.publish()
+        except BaseException as e:
             self.abort()
-            raise OutputError(f"finishing the output in {self.folder} failed: {e.strerror or e}") from e
+            if isinstance(e, OSError) and not isinstance(e, OutputError):
+                raise OutputError(f"finishing the output in {self.folder} failed: {e.strerror or e}") from e
+            raise
         self.committed = True
         return self.final_paths
 
-    def _stale_files(self) -> List[str]:
-        """With overwrite: weight files of a previous output in the folder that this one does not replace."""
-        if not self.overwrite or self._single_name:
-            return []
-        keep = {os.path.basename(p) for p in self.final_paths}
-        stale = []
-        for p in self.folder.glob("model*.safetensors*"):
-            if p.name in keep or p.name.startswith("."):
-                continue
-            if p.name == INDEX_NAME or p.name == "model.safetensors" or (
-                    p.name.startswith("model-") and p.name.endswith(".safetensors")):
-                stale.append(str(p))
-        return stale
-
     def abort(self) -> None:
-        """Close and delete the temporary files (idempotent)."""
+        """Close the files and, when this writer owns the output, discard the staging folder (idempotent)."""
         for fd in self._fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds = []
-        for tmp in self._tmp_paths:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-        self._tmp_paths = []
+        if getattr(self, "_owns_output", False) and getattr(self, "output", None) is not None:
+            self.output.discard()
 
     def __del__(self):  # pragma: no cover - best effort on interpreter exit
         if not self.committed:
@@ -433,57 +416,27 @@ class DictWriter(OutputSink):
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes, fsync: bool = True) -> None:
-    """Write a small file under a temporary name and rename it into place."""
-    path = Path(path)
-    tmp = path.parent / ("." + path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
 AUX_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
                 "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json",
                 "chat_template.jinja", "chat_template.json", "open_clip_config.json")
 
 
-def copy_aux_files(src_folder: Union[str, os.PathLike], out_folder: Union[str, os.PathLike],
+def copy_aux_files(src_folder: Union[str, os.PathLike], out: Union[AtomicOutput, str, os.PathLike],
                    out_dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> List[str]:
     """Copy the non-weight files of a Hugging Face model folder (config, tokenizer, ...) next to the merged
-    weights, atomically; ``config.json``'s ``torch_dtype`` is set to the output dtype when given."""
-    src, out = Path(src_folder), Path(out_folder)
+    weights; ``config.json``'s ``torch_dtype`` is set to the output dtype when given.
+
+    ``out``: an open :class:`AtomicOutput` (the files are staged and published with the weights; the
+    usual case), or an existing folder (each file written atomically; an existing one is an error unless
+    ``overwrite``).  Returns the final paths.  Only regular files are copied (a symlink in the source,
+    e.g. of the Hugging Face cache, is read through: it is the source, not the output)."""
+    src = Path(src_folder)
     copied = []
     for name in AUX_PATTERNS:
         p = src / name
         if not p.is_file():
             continue
-        target = out / name
-        if target.exists() and not overwrite:
-            raise OutputError(f"{target} already exists (pass overwrite=True / --overwrite)")
         data = p.read_bytes()
         if name == "config.json" and out_dtype is not None:
             try:
@@ -491,8 +444,11 @@ def copy_aux_files(src_folder: Union[str, os.PathLike], out_folder: Union[str, o
                 if isinstance(cfg, dict) and "torch_dtype" in cfg:
                     cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
                     data = (json.dumps(cfg, indent=2) + "\n").encode()
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 pass
-        atomic_write_bytes(target, data)
-        copied.append(str(target))
+        if isinstance(out, AtomicOutput):
+            out.write_bytes(name, data)
+            copied.append(out.final_path(name))
+        else:
+            copied.append(atomic_write_file(Path(out) / name, data, overwrite=overwrite))
     return copied
