@@ -514,9 +514,11 @@ def _versions() -> str:
     import torch
 
     try:
-        from . import __version__, backend
+        from . import __version__, backend, cuda_kernels_built
 
         b = backend()
+        b += f"; CUDA kernels {'built' if cuda_kernels_built() else 'not built'}"
+        b += f", GPU {'visible' if torch.cuda.is_available() else 'not visible'}"
     except Exception as e:  # pragma: no cover
         __version__, b = "?", f"unavailable ({e})"
     return f"calm-fast {__version__} (backend {b}), torch {torch.__version__}, python {sys.version.split()[0]}"
