@@ -167,7 +167,7 @@ def test_nonfinite_numbers_in_the_config_are_errors(models, capsys, text, where)
     ("ties", ["--scaling", "nan"], "--scaling"),
     ("ties", ["--scaling", "inf"], "--scaling"),
     ("dare", ["--p", "nan"], "--p"),
-    ("consensus", ["--alpha", "-inf"], "--alpha"),
+    ("consensus", ["--alpha=-inf"], "--alpha"),
     ("consensus", ["--tall-lambdas", "0.5,nan"], "tall_lambdas"),
     ("ties", ["--weights", "1,inf"], "--weights"),
     ("ties", ["--density", "0.2,abc"], "--density"),
