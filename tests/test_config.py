@@ -259,3 +259,27 @@ def test_load_config_api(tmp_path):
     assert cfg.parameters.min_count == 2 and cfg.shard_size == "1MB"
     with pytest.raises(ConfigError, match="rescale"):
         config.validate_parameters({"rescale": "yes"})
+
+
+def test_readme_and_docstring_examples_validate():
+    """The YAML examples users copy (README, `calm-fast merge --help`) pass the schema."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert blocks
+    for b in blocks:
+        config.validate_config(config.parse_yaml(b))
+    doc = cli.__doc__.split("YAML schema")[1].split("Other commands:")[0]
+    example = "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    "))
+    cfg = config.validate_config(config.parse_yaml(example))
+    assert cfg.trust_pickle is False and cfg.parameters.merge == "sum" and cfg.weights == [1.0, 0.5]
+
+
+def test_merge_help_documents_the_schema(capsys):
+    with pytest.raises(SystemExit):
+        cli.make_parser().parse_args(["merge", "--help"])
+    out = capsys.readouterr().out
+    for needle in ("trust_pickle", "relative to the file's folder", "on_mismatch", "unknown keys"):
+        assert needle in out, needle
