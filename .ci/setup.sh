@@ -22,6 +22,12 @@ built() {  # the stamp matches, every module it promises exists, and the package
     if [ "$CALM_FAST_BUILD_EMU" = 1 ]; then compgen -G "calm_fast/_C_emu.*.so" >/dev/null || return 1; fi
     [ -x .venv/bin/calm-fast ] || return 1
 }
+show_compiled_files() {  # ninja's "[3/9] c++ ... -c /abs/csrc/cpu/x.cpp -o ..." -> "  [3/9] csrc/cpu/x.cpp"
+    local line re='(\[[0-9]+/[0-9]+\]).* -c ([^ ]+\.(cpp|cu)) '
+    while IFS= read -r line; do
+        if [[ $line =~ $re ]]; then echo "  ${BASH_REMATCH[1]} csrc/${BASH_REMATCH[2]##*/csrc/}"; fi
+    done
+}
 if built; then
     echo "calm_fast: extension up to date (csrc/, setup.py, torch $torch_version and build switches unchanged): build skipped"
 else
@@ -37,9 +43,7 @@ else
     rm -f "$STAMP_FILE"
     set +e
     .venv/bin/python -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 \
-        | tee build.log \
-        | awk '/^ *\[[0-9]+\/[0-9]+\]/ { src = ""; for (i = 1; i < NF; i++) if ($i == "-c") src = $(i + 1);
-                                       if (src != "") { sub(".*/csrc/", "csrc/", src); print "  " $1 " " src; fflush() } }'
+        | tee build.log | show_compiled_files
     rc=${PIPESTATUS[0]}
     set -e
     if [ "$rc" != 0 ]; then
