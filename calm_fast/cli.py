@@ -76,6 +76,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 #: extension subcommands: name -> module providing ``main(argv: list[str]) -> int`` (e.g. ``bench``)
 EXTERNAL_COMMANDS: Dict[str, str] = {"bench": "calm_fast.bench"}
+_COMMAND_HELP = {"bench": "kernel benchmark report: the fused ops vs the plain-PyTorch reference (small sizes by "
+                          "default)"}
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_MISMATCH, EXIT_NONFINITE, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
@@ -494,8 +496,8 @@ def make_parser() -> argparse.ArgumentParser:
     pd.add_argument("--memory-budget", default="64KiB", help="small by default, to exercise slicing")
     pd.add_argument("--debug", action="store_true")
     for name in EXTERNAL_COMMANDS:
-        sub.add_parser(name, help=f"(extension: {EXTERNAL_COMMANDS[name]}) run `calm-fast {name} --help`",
-                       add_help=False)
+        what = _COMMAND_HELP.get(name, f"(extension: {EXTERNAL_COMMANDS[name]})")
+        sub.add_parser(name, help=f"{what}; see `calm-fast {name} --help`", add_help=False)
     return parser
 
 

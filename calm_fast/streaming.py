@@ -409,6 +409,8 @@ def build_plan(base, models: Sequence, method: str = "ties_merging", *, out_dtyp
         raise ConfigError("need at least one model to merge")
     if base is None:
         raise ConfigError("a base (pretrained) model is required")
+    if not isinstance(trust_pickle, bool):  # "false" is truthy: never let a string enable pickle loading
+        raise ConfigError(f"trust_pickle must be True or False, got {trust_pickle!r}")
     try:
         out_dtype = resolve_out_dtype(out_dtype, canonical)  # a name, or a floating dtype
     except ValueError as e:

@@ -113,3 +113,11 @@ def test_merge_checkpoints_checks_the_same(tmp_path, gen, kwargs, name):
         merge_checkpoints(str(tmp_path / "base"), [str(tmp_path / "ft0"), str(tmp_path / "ft1")], method,
                           output=str(tmp_path / "out"), **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_checkpoints_trust_pickle_must_be_a_bool(tmp_path, gen):
+    base, fts = make(gen, T=1)
+    save_state_dict(base, tmp_path / "base")
+    save_state_dict(fts[0], tmp_path / "ft0")
+    with pytest.raises(ConfigError, match="trust_pickle"):
+        merge_checkpoints(str(tmp_path / "base"), [str(tmp_path / "ft0")], "ta", trust_pickle="false")
