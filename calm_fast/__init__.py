@@ -8,9 +8,11 @@ Quick start::
 Methods: :func:`task_arithmetic`, :func:`ties_merging`, :func:`dare_merging`, :func:`consensus_merging`
 (semantics in their docstrings and in the README).  ``calm_fast.ops`` holds the list-based fused ops
 (CALM's mask-training ops among them; ``calm_fast.calm_ops`` their helpers), ``calm_fast.reference`` the
-pure-PyTorch specification, ``calm_fast.backend()`` says which implementation is active.
+pure-PyTorch specification, ``calm_fast.backend()`` says what runs here (``native-cuda`` only where a GPU is visible),
+``calm_fast.cuda_kernels_built()`` whether CUDA kernels were compiled, ``calm_fast.cuda_available()``
+whether they can run; ``calm-fast bench`` prints the kernel benchmark report.
 """
-from ._backend import backend, build_info
+from ._backend import backend, backend_info, build_info, cuda_available, cuda_kernels_built
 
 backend()  # load the extension now: fail loudly at import, not at the first merge
 
@@ -23,7 +25,7 @@ from .methods import consensus_merging, dare_merging, task_arithmetic, ties_merg
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "build_info", "task_arithmetic", "ties_merging", "dare_merging", "consensus_merging",
+__all__ = ["backend", "backend_info", "build_info", "cuda_available", "cuda_kernels_built", "task_arithmetic", "ties_merging", "dare_merging", "consensus_merging",
            "ops", "selection", "reference", "calm_ops", "__version__"]
 
 
@@ -33,7 +35,7 @@ def __getattr__(name):
         from .streaming import merge_checkpoints
 
         return merge_checkpoints
-    if name in ("io", "streaming", "compat", "cli"):
+    if name in ("io", "streaming", "compat", "cli", "config", "bench"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -3,6 +3,7 @@
     calm-fast merge --base BASE --model FT1 --model FT2 --method ties --density 0.2 --out merged/
     calm-fast merge --config merge.yaml [--dry-run] [flags override the file]
     calm-fast demo [--dir DIR]
+    calm-fast bench [--n N] [--tasks T]   (kernel benchmark report; small sizes by default)
 
 Exit codes: 0 success; 1 internal error; 2 bad usage or configuration; 3 unreadable input (missing
 file or shard, corrupt header, bad index); 4 the models do not line up (missing tensors, shape
@@ -13,33 +14,56 @@ The output (shards, index, config and tokenizer files) is staged in a hidden fol
 published with one rename when complete (``--overwrite`` swaps the whole folder atomically); a failed run
 leaves no output.
 
-YAML schema (``--config``), mergekit-like::
+YAML schema (``--config``), mergekit-like; checked with a typed schema (calm_fast/config.py) before
+anything is opened.  Types are strict: booleans are true/false (a quoted "false" or "no" is a string and
+an error), numbers are unquoted finite numbers (.nan and .inf are errors; 1e-3 is a number), unknown keys
+are errors naming the closest valid key; every such error exits 2.  Relative paths in the file (base_model,
+model, output) are relative to the file's folder; paths given as flags are relative to the working
+directory.  Flags override the file.
 
     merge_method: ties            # task_arithmetic|ta, ties|ties_merging, dare|dare_linear, dare_ties,
                                   # consensus|tall|consensus_ties   (alias key: method)
     base_model: path/to/base      # (alias: base)
     models:
       - model: path/to/ft1        # file, sharded index, HF folder, .pt/.bin, PEFT LoRA adapter folder
-        parameters:
+        parameters:               # per-model: weight, density
           weight: 1.0             # number | [per-layer gradient] | [{filter: substr|"re:regex", value: ...}]
           density: 0.2            # TIES trim density of this model
       - path/to/ft2               # a bare path is allowed
     parameters:                   # method parameters (names as in calm_fast.<method>; defaults from there)
-      scaling: 0.3                # (alias: lambda)
-      density: 0.2
-      merge: sum
+      scaling: 0.3                # number (aliases: lambda, scale)
+      density: 0.2                # number, or one per model
+      merge: sum                  # sum | mean | max   (alias: merge_func)
+      mode: global                # global | per_tensor
+      p: 0.5                      # DARE drop rate (alias: drop_rate);  rescale: true|false;
+      combine: task_arithmetic    # DARE: task_arithmetic | ties
+      tall_lambdas: 0.6           # consensus: number, or one per model;  min_count: 2 (alias: k);
+      alpha: 0.3                  # consensus;  mtl: sum|ties;  ties_density (alias ties_k);  ties_merge
       weight: 1.0                 # default weight spec of models that give none
+    weights: [1.0, 0.5]           # instead of per-model weights: a number, one spec per model, or
+                                  # {tensor name: [one number per model]}
     dtype: bfloat16               # output dtype if out_dtype is absent (arithmetic is always fp32)
-    out_dtype: bfloat16
+    out_dtype: bfloat16           # float32 | bfloat16 | float16 (fp32, bf16, fp16)
     include: [regex, ...]         # merged tensors (re.search); the others are copied from the base
     exclude: [regex, ...]
     on_mismatch: error            # error | skip | pad | truncate
-    output: path/to/out           # folder or .safetensors file
-    shard_size: 5GB
+    output: path/to/out           # folder or .safetensors file (alias: out)
+    shard_size: 5GB               # (alias: max_shard_size)
     memory_budget: 1GiB
-    seed: 0                       # DARE seed (also accepted under parameters)
-    trust_pickle: false
+    seed: 0                       # DARE seed, integer (also accepted under parameters)
+    trust_pickle: false           # true | false
     nonfinite: error              # error | propagate
+    prefetch: true                # true | false
+    copy_config: true             # true | false
+    metadata: {key: value}        # extra safetensors metadata
+
+mergekit keys that calm-fast does not implement (slices, tokenizer_source, chat_template, modules) are
+errors; int8_mask is ignored with a note.
+
+Other commands:
+
+    calm-fast bench [--n N] [--tasks T] [--dtype D] [--device cpu|cuda] [--out FILE.json]
+                                  # kernel benchmark report (fused ops vs the PyTorch reference)
 """
 from __future__ import annotations
 
@@ -56,17 +80,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 #: extension subcommands: name -> module providing ``main(argv: list[str]) -> int`` (e.g. ``bench``)
 EXTERNAL_COMMANDS: Dict[str, str] = {"bench": "calm_fast.bench"}
+_COMMAND_HELP = {"bench": "kernel benchmark report: the fused ops vs the plain-PyTorch reference (small sizes by "
+                          "default)"}
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_MISMATCH, EXIT_NONFINITE, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
-
-_TOP_KEYS = {"merge_method", "method", "base_model", "base", "models", "parameters", "dtype", "out_dtype", "include",
-             "exclude", "on_mismatch", "output", "out", "shard_size", "max_shard_size", "memory_budget", "seed",
-             "trust_pickle", "nonfinite", "weights", "prefetch", "copy_config", "metadata"}
-_MERGEKIT_UNSUPPORTED = {"slices": "layer slicing/passthrough", "tokenizer_source": "tokenizer merging",
-                         "tokenizer": "tokenizer merging", "chat_template": "chat templates",
-                         "modules": "module-wise configs"}
-_IGNORED = {"int8_mask": "a mergekit memory option; calm_fast never materialises masks"}
 
 
 def _err(msg: str) -> None:
@@ -76,103 +94,75 @@ def _err(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # configuration
 # ------------------------------------------------------------------------------------------------
-def _csv_numbers(text: Optional[str]):
+def _finite_float(text: str) -> float:
+    """argparse type of the number flags: a finite float (``nan``/``inf`` are usage errors, exit 2)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _csv_numbers(text: Optional[str], flag: str):
+    """'0.2' -> 0.2, '0.2,0.3' -> [0.2, 0.3] (finiteness is checked with the other parameters)."""
+    from .io.errors import ConfigError
+
     if text is None:
         return None
-    vals = [float(x) for x in str(text).split(",") if x.strip()]
+    try:
+        vals = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a number or comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise ConfigError(f"{flag}: expected a number or comma-separated numbers, got {text!r}")
     return vals[0] if len(vals) == 1 else vals
 
 
-def _yaml_scalar(text: str) -> Any:
-    import yaml
+def load_config(path: str):
+    """Read and validate a merge YAML file (:class:`calm_fast.config.MergeConfig`; paths made absolute
+    against the file's folder)."""
+    from .config import load_config as load
 
-    return yaml.safe_load(text)
-
-
-def load_config(path: str) -> Dict[str, Any]:
-    """Parse and check a merge YAML file (unknown keys are errors)."""
-    import yaml
-
-    from .io.errors import ConfigError
-
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    for k in list(cfg):
-        if k in _MERGEKIT_UNSUPPORTED:
-            raise ConfigError(f"{path}: '{k}' ({_MERGEKIT_UNSUPPORTED[k]}) is not supported by calm-fast")
-        if k in _IGNORED:
-            print(f"calm-fast: note: ignoring '{k}' ({_IGNORED[k]})", file=sys.stderr)
-            cfg.pop(k)
-    unknown = sorted(set(cfg) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; valid: {sorted(_TOP_KEYS)}")
-    # relative paths are relative to the config file
-    cfg["_dir"] = str(Path(path).resolve().parent)
-    return cfg
-
-
-def _resolve_rel(p: Any, base_dir: Optional[str]) -> Any:
-    if isinstance(p, str) and base_dir and not os.path.isabs(p) and not os.path.exists(p):
-        cand = os.path.join(base_dir, p)
-        if os.path.exists(cand):
-            return cand
-    return p
+    return load(path)
 
 
 def build_merge_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """Combine the YAML file (if any) and the command-line flags (flags win) into merge_checkpoints kwargs."""
+    """Combine the YAML file (if any) and the command-line flags (flags win) into merge_checkpoints kwargs.
+    Everything is validated (the file by its schema, the combined method parameters once more) before
+    any model is opened."""
+    from .config import MergeConfig, parse_yaml, validate_parameters, weight_spec
     from .io.errors import ConfigError
 
-    cfg = load_config(args.config) if args.config else {}
-    cdir = cfg.get("_dir")
-    params: Dict[str, Any] = dict(cfg.get("parameters") or {})
-    if not isinstance(params, dict):
-        raise ConfigError("'parameters' must be a mapping")
-    if "normalize" in params:
-        if params.pop("normalize"):
-            raise ConfigError("'normalize: true' (mergekit's weight normalisation) is not supported; "
-                              "use merge: mean for TIES or scale the weights yourself")
-    if "int8_mask" in params:
-        params.pop("int8_mask")
+    cfg = load_config(args.config) if args.config else MergeConfig()
+    params: Dict[str, Any] = cfg.parameters.model_dump(exclude_unset=True) if cfg.parameters is not None else {}
+    if params.pop("normalize", False):
+        raise ConfigError("'normalize: true' (mergekit's weight normalisation) is not supported; "
+                          "use merge: mean for TIES or scale the weights yourself")
+    params.pop("int8_mask", None)
     default_weight = params.pop("weight", None)
-    if "seed" in cfg:
-        params.setdefault("seed", cfg["seed"])
+    if cfg.seed is not None:
+        params.setdefault("seed", cfg.seed)
 
-    # models and per-model parameters
+    # models and per-model parameters (paths are already absolute: relative to the config file)
     model_paths: List[Any] = []
     model_weights: List[Any] = []
     model_density: List[Any] = []
-    for i, entry in enumerate(cfg.get("models") or []):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise ConfigError(f"models[{i}]: expected a path or a mapping with 'model'")
-        bad = set(entry) - {"model", "parameters"}
-        if bad:
-            raise ConfigError(f"models[{i}]: unknown key(s) {sorted(bad)}")
-        mp = dict(entry.get("parameters") or {})
-        bad = set(mp) - {"weight", "density"}
-        if bad:
-            raise ConfigError(f"models[{i}].parameters: unknown key(s) {sorted(bad)} (per-model: weight, density)")
-        model_paths.append(_resolve_rel(entry["model"], cdir))
-        model_weights.append(mp.get("weight"))
-        model_density.append(mp.get("density"))
+    for entry in cfg.models or []:
+        mp = entry.parameters
+        model_paths.append(entry.model)
+        model_weights.append(mp.weight if mp is not None else None)
+        model_density.append(mp.density if mp is not None else None)
     if args.model:
         model_paths = list(args.model)
         model_weights = [None] * len(model_paths)
         model_density = [None] * len(model_paths)
 
-    method = args.method or cfg.get("merge_method") or cfg.get("method")
+    method = args.method or cfg.merge_method
     if not method:
         raise ConfigError("no merge method (use --method or 'merge_method' in the config)")
-    base = args.base or _resolve_rel(cfg.get("base_model", cfg.get("base")), cdir)
+    base = args.base or cfg.base_model
     if not base:
         raise ConfigError("no base model (use --base or 'base_model' in the config)")
     if not model_paths:
@@ -180,19 +170,28 @@ def build_merge_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
     # method parameters given as flags
     flag_params = {
-        "scaling": args.scaling, "density": _csv_numbers(args.density), "merge": args.merge, "mode": args.mode,
-        "p": args.p, "seed": args.seed, "rescale": args.rescale, "combine": args.combine,
-        "tall_lambdas": _csv_numbers(args.tall_lambdas), "min_count": args.min_count, "alpha": args.alpha,
-        "mtl": args.mtl, "ties_density": args.ties_density, "ties_merge": args.ties_merge,
+        "scaling": args.scaling, "density": _csv_numbers(args.density, "--density"), "merge": args.merge,
+        "mode": args.mode, "p": args.p, "seed": args.seed, "rescale": args.rescale, "combine": args.combine,
+        "tall_lambdas": _csv_numbers(args.tall_lambdas, "--tall-lambdas"), "min_count": args.min_count,
+        "alpha": args.alpha, "mtl": args.mtl, "ties_density": args.ties_density, "ties_merge": args.ties_merge,
     }
+    set_params: Dict[str, Any] = {}
     for kv in args.set or []:
         if "=" not in kv:
             raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
-        flag_params[k.strip()] = _yaml_scalar(v)
+        set_params[k.strip()] = parse_yaml(v, f"--set {k.strip()}")
+    set_params = validate_parameters(set_params, prefix="--set ")  # aliases folded, types checked
+    set_params.pop("int8_mask", None)
+    if set_params.pop("normalize", False):
+        raise ConfigError("--set normalize=true (mergekit's weight normalisation) is not supported")
+    if "weight" in set_params:
+        default_weight = set_params.pop("weight")
+    flag_params.update(set_params)
     for k, v in flag_params.items():
         if v is not None:
             params[k] = v
+    params = validate_parameters(params, prefix="parameter ")  # the combined values: flags are checked like the file
     if any(d is not None for d in model_density) and args.density is None:
         glob = params.get("density")
         if isinstance(glob, list):
@@ -207,44 +206,36 @@ def build_merge_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     # weights
     weights: Any = None
     if args.weights is not None:
-        w = _csv_numbers(args.weights)
-        weights = w
-    elif cfg.get("weights") is not None:
-        weights = cfg["weights"]
+        weights = _csv_numbers(args.weights, "--weights")
+        try:
+            weights = [weight_spec(w) for w in weights] if isinstance(weights, list) else weight_spec(weights)
+        except ValueError as e:
+            raise ConfigError(f"--weights: {e}") from None
+    elif cfg.weights is not None:
+        weights = cfg.weights
     elif any(w is not None for w in model_weights) or default_weight is not None:
         weights = [w if w is not None else (default_weight if default_weight is not None else 1.0)
                    for w in model_weights]
         if all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
             weights = [float(w) for w in weights]
 
-    def pick(flag, *keys, default=None):
+    def pick(flag, value, default=None):
         if flag is not None:
             return flag
-        for k in keys:
-            if cfg.get(k) is not None:
-                return cfg[k]
-        return default
+        return value if value is not None else default
 
-    def as_list(x):
-        if x is None:
-            return None
-        return [x] if isinstance(x, str) else list(x)
-
-    include = args.include if args.include else as_list(cfg.get("include"))
-    exclude = args.exclude if args.exclude else as_list(cfg.get("exclude"))
-    out = pick(args.out, "output", "out")
     kwargs = dict(
-        base=base, models=model_paths, method=method, output=out,
-        out_dtype=pick(args.out_dtype, "out_dtype"), dtype=pick(args.dtype, "dtype"),
-        include=include, exclude=exclude, weights=weights,
-        on_mismatch=pick(args.on_mismatch, "on_mismatch", default="error"),
-        memory_budget=pick(args.memory_budget, "memory_budget", default="1GiB"),
-        max_shard_size=pick(args.shard_size, "shard_size", "max_shard_size", default="5GB"),
-        trust_pickle=bool(pick(args.trust_pickle or None, "trust_pickle", default=False)),
-        nonfinite=pick(args.nonfinite, "nonfinite", default="error"),
-        prefetch=bool(pick(False if args.no_prefetch else None, "prefetch", default=True)),
-        copy_config=bool(pick(False if args.no_copy_config else None, "copy_config", default=True)),
-        metadata=cfg.get("metadata"),
+        base=base, models=model_paths, method=method, output=pick(args.out, cfg.output),
+        out_dtype=pick(args.out_dtype, cfg.out_dtype), dtype=pick(args.dtype, cfg.dtype),
+        include=args.include or cfg.include, exclude=args.exclude or cfg.exclude, weights=weights,
+        on_mismatch=pick(args.on_mismatch, cfg.on_mismatch, "error"),
+        memory_budget=pick(args.memory_budget, cfg.memory_budget, "1GiB"),
+        max_shard_size=pick(args.shard_size, cfg.shard_size, "5GB"),
+        trust_pickle=True if args.trust_pickle else pick(None, cfg.trust_pickle, False),
+        nonfinite=pick(args.nonfinite, cfg.nonfinite, "error"),
+        prefetch=pick(False if args.no_prefetch else None, cfg.prefetch, True),
+        copy_config=pick(False if args.no_copy_config else None, cfg.copy_config, True),
+        metadata=cfg.metadata,
         dry_run=args.dry_run, overwrite=args.overwrite,
     )
     kwargs.update(params)
@@ -273,20 +264,20 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("method")
     m.add_argument("-m", "--method", help="task_arithmetic|ta, ties, dare|dare_linear, dare_ties, consensus|tall, "
                    "consensus_ties")
-    m.add_argument("--scaling", "--lambda", type=float, help="scaling of the merged task vector")
+    m.add_argument("--scaling", "--lambda", type=_finite_float, help="scaling of the merged task vector")
     m.add_argument("--density", help="TIES trim density (fraction kept), or one per model: 0.2,0.3,...")
     m.add_argument("--merge", choices=("sum", "mean", "max"), help="TIES disjoint merge")
     m.add_argument("--mode", choices=("global", "per_tensor"), help="TIES threshold scope")
-    m.add_argument("--p", "--drop-rate", dest="p", type=float, help="DARE drop probability")
+    m.add_argument("--p", "--drop-rate", dest="p", type=_finite_float, help="DARE drop probability")
     m.add_argument("--seed", type=int, help="DARE seed (recorded in the output metadata)")
     m.add_argument("--rescale", dest="rescale", action="store_true", default=None, help="DARE: rescale by 1/(1-p)")
     m.add_argument("--no-rescale", dest="rescale", action="store_false", help="DARE: do not rescale")
     m.add_argument("--combine", choices=("task_arithmetic", "ties"), help="DARE: combine with TA or TIES")
     m.add_argument("--tall-lambdas", help="consensus: TALL lambda, or one per model")
     m.add_argument("--min-count", type=int, help="consensus: minimum number of agreeing task masks")
-    m.add_argument("--alpha", type=float, help="consensus: scaling of the kept multi-task vector")
+    m.add_argument("--alpha", type=_finite_float, help="consensus: scaling of the kept multi-task vector")
     m.add_argument("--mtl", choices=("sum", "ties"), help="consensus: multi-task vector")
-    m.add_argument("--ties-density", type=float, help="consensus with mtl=ties: TIES density")
+    m.add_argument("--ties-density", type=_finite_float, help="consensus with mtl=ties: TIES density")
     m.add_argument("--ties-merge", choices=("sum", "mean", "max"), help="consensus with mtl=ties: TIES merge")
     m.add_argument("--weights", help="per-model weights: w1,w2,... (per-layer specs: use the YAML)")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other method parameter")
@@ -548,7 +539,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print versions and exit")
     sub = parser.add_subparsers(dest="command")
     pm = sub.add_parser("merge", help="merge checkpoints (streaming, bounded memory)",
-                        description="Merge checkpoints with bounded memory. " + (__doc__ or "").split("YAML schema")[0],
+                        description="Merge checkpoints with bounded memory. " + (__doc__ or "").split("Other commands:")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_merge_args(pm)
     pd = sub.add_parser("demo", help="build small models in code, merge them with every method, print a summary")
@@ -559,8 +550,8 @@ def make_parser() -> argparse.ArgumentParser:
     pd.add_argument("--memory-budget", default="64KiB", help="small by default, to exercise slicing")
     pd.add_argument("--debug", action="store_true")
     for name in EXTERNAL_COMMANDS:
-        sub.add_parser(name, help=f"(extension: {EXTERNAL_COMMANDS[name]}) run `calm-fast {name} --help`",
-                       add_help=False)
+        what = _COMMAND_HELP.get(name, f"(extension: {EXTERNAL_COMMANDS[name]})")
+        sub.add_parser(name, help=f"{what}; see `calm-fast {name} --help`", add_help=False)
     return parser
 
 
@@ -579,9 +570,11 @@ def _versions() -> str:
     import torch
 
     try:
-        from . import __version__, backend
+        from . import __version__, backend, cuda_kernels_built
 
         b = backend()
+        b += f"; CUDA kernels {'built' if cuda_kernels_built() else 'not built'}"
+        b += f", GPU {'visible' if torch.cuda.is_available() else 'not visible'}"
     except Exception as e:  # pragma: no cover
         __version__, b = "?", f"unavailable ({e})"
     return f"calm-fast {__version__} (backend {b}), torch {torch.__version__}, python {sys.version.split()[0]}"

@@ -56,6 +56,7 @@ from .io.formats import (MERGEABLE_DTYPES, Checkpoint, LoraCheckpoint, element_s
                          is_lora_adapter, open_checkpoint, parse_dtype, parse_size)
 from .io.publish import AtomicOutput
 from .io.writer import DictWriter, OutputSink, OutputSpec, SafetensorsWriter, copy_aux_files, plan_shards
+from .methods._common import check_finite, resolve_out_dtype
 
 Tensor = torch.Tensor
 
@@ -411,8 +412,10 @@ def build_plan(base, models: Sequence, method: str = "ties_merging", *, out_dtyp
         raise ConfigError("need at least one model to merge")
     if base is None:
         raise ConfigError("a base (pretrained) model is required")
+    if not isinstance(trust_pickle, bool):  # "false" is truthy: never let a string enable pickle loading
+        raise ConfigError(f"trust_pickle must be True or False, got {trust_pickle!r}")
     try:
-        out_dtype = parse_dtype(out_dtype)
+        out_dtype = resolve_out_dtype(out_dtype, canonical)  # a name, or a floating dtype
     except ValueError as e:
         raise ConfigError(str(e)) from e
     inc, exc = _check_patterns(include, "include"), _check_patterns(exclude, "exclude")
@@ -556,6 +559,8 @@ def _plan(base_ck: Checkpoint, model_cks: List[Checkpoint], canonical: str, p: D
         if t.action == "merge":
             t.col = col[t.name]
     table = _weights_table(weights, merged_keys, T, canonical)
+    if table is not None and not bool(torch.isfinite(table).all()):
+        raise ConfigError(f"{canonical}: weights must be finite numbers (a weight is inf or NaN)")
     # groups
     slots = 2 if prefetch else 1
     group_budget = max(512, budget // slots)
@@ -607,6 +612,11 @@ def _validate_params(canonical: str, p: Dict[str, Any], T: int) -> None:
             raise ConfigError(f"{canonical}: {k} must be a number, got {p[k]!r}")
     if "seed" in p and not isinstance(p["seed"], int):
         raise ConfigError(f"{canonical}: seed must be an integer, got {p['seed']!r}")
+    for k in ("scaling", "alpha", "tall_lambdas"):  # NaN/inf would silently give an all-NaN model
+        try:
+            check_finite(k, p.get(k), canonical)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _weights_table(weights, keys: List[str], T: int, canonical: str) -> Optional[Tensor]:

@@ -13,6 +13,7 @@ Rules (the same for every method):
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
@@ -201,3 +202,59 @@ def check_fraction(name: str, value: float, lo_open: bool, method: str) -> float
         raise ValueError(f"{method}: {name} must be in {'(0, 1]' if lo_open else '[0, 1]'}, got {value}")
     return value
 
+
+
+def check_finite(name: str, value, method: str) -> None:
+    """Raise ``ValueError`` unless every number in ``value`` (a number, a sequence, a tensor or a mapping
+    key -> numbers; None is allowed) is a finite real number.  Run before any computation, so a NaN
+    ``scaling`` or ``weights`` entry never produces a silently all-NaN model."""
+    if value is None:
+        return
+    if isinstance(value, Tensor):
+        if value.is_complex() or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{method}: {name} must be finite real numbers, got {value}")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            check_finite(f"{name}[{k!r}]", v, method)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(f"{name}[{i}]", v, method)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # numpy scalars and the like
+        except (TypeError, ValueError):
+            raise ValueError(f"{method}: {name} must be a number, got {value!r}") from None
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{method}: {name} must be a finite number, got {value}")
+
+
+def resolve_out_dtype(out_dtype, method: str) -> Optional[torch.dtype]:
+    """``out_dtype`` as a floating ``torch.dtype``: a dtype, its name (``"bfloat16"``, ``"bf16"``,
+    ``"float16"``, ``"fp32"``...) or None (keep each pretrained tensor's dtype).  Integer, bool and complex
+    dtypes are errors (a merged weight is never an integer)."""
+    if out_dtype is None:
+        return None
+    if isinstance(out_dtype, str):
+        from ..io.formats import parse_dtype  # lazy: keeps `import calm_fast` light
+
+        try:
+            return parse_dtype(out_dtype)
+        except ValueError as e:
+            raise ValueError(f"{method}: out_dtype: {e}") from None
+    if not isinstance(out_dtype, torch.dtype):
+        raise ValueError(f"{method}: out_dtype must be a torch dtype or its name, got {out_dtype!r}")
+    if not out_dtype.is_floating_point:
+        raise ValueError(f"{method}: out_dtype must be a floating dtype (float32, bfloat16, float16), got "
+                         f"{out_dtype}")
+    return out_dtype
+
+
+def check_params(method: str, *, out_dtype=None, **numbers) -> Optional[torch.dtype]:
+    """The checks every method runs first: each keyword of ``numbers`` finite (see :func:`check_finite`),
+    ``out_dtype`` resolved (see :func:`resolve_out_dtype`).  Returns the resolved ``out_dtype``."""
+    for name, value in numbers.items():
+        check_finite(name, value, method)
+    return resolve_out_dtype(out_dtype, method)

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import ops
-from ._common import Patterns, StateDict, check_nonfinite, finish, out_float_for, prepare
+from ._common import Patterns, StateDict, check_nonfinite, check_params, finish, out_float_for, prepare
 from .ties import ties_core
 
 
@@ -22,7 +22,7 @@ def consensus_merging(pretrained: Optional[StateDict], finetuned: Sequence[State
                       tall_lambdas: Union[float, Sequence[float]] = 0.6, min_count: int = 2, alpha: float = 0.3, *,
                       mtl: str = "sum", ties_density: float = 0.2, ties_merge: str = "sum",
                       return_masks: bool = False, task_vectors: bool = False, include: Patterns = None,
-                      exclude: Patterns = None, out_dtype: Optional[torch.dtype] = None,
+                      exclude: Patterns = None, out_dtype: Optional[Union[torch.dtype, str]] = None,
                       nonfinite: str = "error") -> Union[dict, Tuple[dict, List[Dict[str, torch.Tensor]]]]:
     """Consensus merging with TALL masks.
 
@@ -38,6 +38,7 @@ def consensus_merging(pretrained: Optional[StateDict], finetuned: Sequence[State
         return_masks: also return the per-task TALL masks as a list of {key: bool tensor}.
         Other arguments as in :func:`task_arithmetic`.
     """
+    out_dtype = check_params("consensus_merging", tall_lambdas=tall_lambdas, alpha=alpha, out_dtype=out_dtype)
     if int(min_count) < 0:
         raise ValueError(f"consensus_merging: min_count must be >= 0, got {min_count}")
     prep = prepare(pretrained, finetuned, task_vectors=task_vectors, include=include, exclude=exclude,

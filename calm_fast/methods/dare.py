@@ -9,11 +9,11 @@ or streaming.  It is *not* the stream of ``torch.rand_like`` (FusionBench) or ``
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-from ._common import Patterns, StateDict, check_fraction, finish, prepare
+from ._common import Patterns, StateDict, check_fraction, check_params, finish, prepare
 from .task_arithmetic import merge_weighted
 from .ties import ties_core
 
@@ -22,7 +22,7 @@ def dare_merging(pretrained: Optional[StateDict], finetuned: Sequence[StateDict]
                  scaling: float = 0.3, *, seed: int = 0, combine: str = "task_arithmetic", rescale: bool = True,
                  density: float = 0.2, merge: str = "sum", mode: str = "global", weights=None,
                  task_vectors: bool = False, include: Patterns = None, exclude: Patterns = None,
-                 out_dtype: Optional[torch.dtype] = None, nonfinite: str = "error") -> dict:
+                 out_dtype: Optional[Union[torch.dtype, str]] = None, nonfinite: str = "error") -> dict:
     """DARE + task arithmetic (``combine='task_arithmetic'``, FusionBench defaults p=0.5, λ=0.3) or
     DARE + TIES (``combine='ties'``: the trim threshold is taken on the dropped-and-rescaled vectors, as
     FusionBench's DareTiesMerging; its defaults are p=0.5, λ=0.5, density 0.2, sum).
@@ -34,6 +34,7 @@ def dare_merging(pretrained: Optional[StateDict], finetuned: Sequence[StateDict]
         density, merge, mode: TIES parameters (``combine='ties'`` only), see :func:`ties_merging`.
         Other arguments as in :func:`task_arithmetic`.
     """
+    out_dtype = check_params("dare_merging", scaling=scaling, weights=weights, out_dtype=out_dtype)
     p = check_fraction("p", p, False, "dare_merging")
     prep = prepare(pretrained, finetuned, task_vectors=task_vectors, include=include, exclude=exclude,
                    method="dare_merging")

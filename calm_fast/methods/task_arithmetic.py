@@ -1,12 +1,12 @@
 """Task arithmetic (ALGORITHMS.md §1): θ = θ0 + λ Σ_t w_t τ_t, one fused pass."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .. import ops
-from ._common import (Patterns, Prepared, StateDict, check_nonfinite, finish, out_float_for, per_key_table, prepare,
+from ._common import (Patterns, Prepared, StateDict, check_nonfinite, check_params, finish, out_float_for, per_key_table, prepare,
                       sub_table)
 
 
@@ -30,7 +30,7 @@ def merge_weighted(prep: Prepared, *, scaling: float, weights, dare_p: float = 0
 
 def task_arithmetic(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], scaling: float = 0.3, *,
                     weights=None, task_vectors: bool = False, include: Patterns = None, exclude: Patterns = None,
-                    out_dtype: Optional[torch.dtype] = None, nonfinite: str = "error") -> dict:
+                    out_dtype: Optional[Union[torch.dtype, str]] = None, nonfinite: str = "error") -> dict:
     """Task arithmetic: ``θ = θ0 + scaling · Σ_t w_t (θ_t − θ0)``.
 
     Args:
@@ -40,12 +40,15 @@ def task_arithmetic(pretrained: Optional[StateDict], finetuned: Sequence[StateDi
         weights: optional per-task multipliers w_t (T numbers), a [T, L] table, or a mapping
             ``key -> T numbers`` (layer-wise coefficients); default 1.
         include / exclude: regex patterns (``re.search``) selecting the merged keys; the others keep θ0.
-        out_dtype: output dtype (default: each pretrained tensor's dtype).
+        out_dtype: output dtype, a floating ``torch.dtype`` or its name (``"bfloat16"``, ``"bf16"``...;
+            default: each pretrained tensor's dtype).  Non-finite ``scaling``/``weights`` and integer
+            ``out_dtype`` raise ``ValueError`` before anything is computed.
         nonfinite: 'error' (default) or 'propagate' for inf/NaN task-vector values.
 
     Semantics: per element, fp32, ``Σ_t`` in task order, then ``× scaling``, then ``+ θ0`` (the FusionBench
     order); integer buffers are copied from θ0.
     """
+    out_dtype = check_params("task_arithmetic", scaling=scaling, weights=weights, out_dtype=out_dtype)
     prep = prepare(pretrained, finetuned, task_vectors=task_vectors, include=include, exclude=exclude,
                    method="task_arithmetic")
     merged = merge_weighted(prep, scaling=scaling, weights=weights, out_dtype=out_dtype, nonfinite=nonfinite)

@@ -9,12 +9,12 @@ cancel, in which case the pass is re-run with the now-known μ).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .. import ops, selection
-from ._common import (Patterns, Prepared, StateDict, check_fraction, check_nonfinite, finish, out_float_for,
+from ._common import (Patterns, Prepared, StateDict, check_fraction, check_nonfinite, check_params, finish, out_float_for,
                       per_key_table, prepare, sub_table)
 
 MODES = ("global", "per_tensor")
@@ -99,7 +99,7 @@ def ties_core(prep: Prepared, *, density: float, merge: str, scaling: float, mod
 def ties_merging(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], density: float = 0.2,
                  merge: str = "sum", scaling: float = 0.3, *, mode: str = "global", weights=None,
                  task_vectors: bool = False, include: Patterns = None, exclude: Patterns = None,
-                 out_dtype: Optional[torch.dtype] = None, nonfinite: str = "error") -> dict:
+                 out_dtype: Optional[Union[torch.dtype, str]] = None, nonfinite: str = "error") -> dict:
     """TIES-merging.
 
     Args:
@@ -119,6 +119,7 @@ def ties_merging(pretrained: Optional[StateDict], finetuned: Sequence[StateDict]
 
     Returns the merged state dict (``θ0 + scaling · τ_merged``; integer buffers and excluded keys are θ0).
     """
+    out_dtype = check_params("ties_merging", scaling=scaling, weights=weights, out_dtype=out_dtype)
     prep = prepare(pretrained, finetuned, task_vectors=task_vectors, include=include, exclude=exclude,
                    method="ties_merging")
     merged = ties_core(prep, density=density, merge=merge, scaling=scaling, mode=mode, weights=weights,
