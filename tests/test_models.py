@@ -4,6 +4,7 @@ FlatParams buffer, heads stay frozen, zero-shot heads equal a direct computation
 Every model is built in code (tiny configs); nothing is downloaded.
 """
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -160,8 +161,13 @@ def test_evaluate_per_task_and_mean(gen):
 # ------------------------------------------------------------------------------------------------
 # Hugging Face encoders
 # ------------------------------------------------------------------------------------------------
-transformers = pytest.importorskip("transformers")
+# transformers / open_clip are optional extras (.ci/setup.sh installs them): without them only their
+# tests skip, the generic ones above still run.
 from calm_fast.models.hf import HFEncoderAdapter, hf_encoder_from_modules, load_hf_encoder  # noqa: E402
+
+needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+needs_open_clip = pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
+                                     reason="open_clip_torch not installed")
 
 BERT = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=24, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3,
@@ -197,6 +203,7 @@ def bert_folders(tmp_path_factory):
     return root, base, tasks
 
 
+@needs_hf
 def test_hf_load_from_folders_splits_encoder_and_heads(bert_folders):
     root, base, tasks = bert_folders
     loaded = load_hf_encoder(root / "base", [root / "sst2", root / "mnli"])
@@ -224,6 +231,7 @@ def test_hf_load_from_folders_splits_encoder_and_heads(bert_folders):
     assert batch["attention_mask"][1].tolist() == [1] * 5 + [0] * 3
 
 
+@needs_hf
 def test_hf_functional_forward_equals_task_models(bert_folders):
     from transformers import BertForSequenceClassification
 
@@ -244,6 +252,7 @@ def test_hf_functional_forward_equals_task_models(bert_folders):
     assert_same(ad.logits(fts[0], 0, ids), tasks["sst2"](input_ids=ids).logits, "input_ids only")
 
 
+@needs_hf
 def test_hf_grads_land_in_flat_buffer_heads_frozen(bert_folders):
     root, base, tasks = bert_folders
     ad, pre, fts = load_hf_encoder(root / "base", [root / "sst2", root / "mnli"])
@@ -256,6 +265,7 @@ def test_hf_grads_land_in_flat_buffer_heads_frozen(bert_folders):
     assert all(p.grad is None for m in tasks.values() for p in m.parameters())  # the given models untouched
 
 
+@needs_hf
 def test_hf_bad_folders_give_clear_errors(bert_folders, tmp_path):
     from transformers import BertConfig, BertModel
 
@@ -286,6 +296,7 @@ def test_hf_bad_folders_give_clear_errors(bert_folders, tmp_path):
         load_hf_encoder(tmp_path / "other", [root / "sst2"])
 
 
+@needs_hf
 def test_hf_roberta_from_modules_head_without_pooler():
     """RoBERTa: the task models' encoder has no pooler and the head is classifier.dense + out_proj;
     the base AutoModel's pooler is reported unused, never merged."""
@@ -299,8 +310,14 @@ def test_hf_roberta_from_modules_head_without_pooler():
     for i, labels in enumerate([2, 4]):
         m = RobertaForSequenceClassification(RobertaConfig(**cfg, num_labels=labels))
         m.roberta.load_state_dict(base.state_dict(), strict=False)
-        tasks.append(_finetune(m, 0.02, 200 + i).eval())
+        tasks.append(_finetune(m, 0.02, 200 + i).train())
+    cfg_dropout = tasks[0].config.hidden_dropout_prob
+    assert cfg_dropout > 0
+    # built from models in training mode: the adapter still runs them in eval mode (dropout off)
     ad, pre, fts = hf_encoder_from_modules(base, tasks, task_names=["p", "q"])
+    assert all(m.training for m in tasks)  # the given models are not modified
+    for m in tasks:
+        m.eval()
     assert isinstance(ad, HFEncoderAdapter)
     assert not any(k.startswith("pooler.") for k in ad.param_names())
     assert ad.unused_pretrained_keys == ["pooler.dense.bias", "pooler.dense.weight"]
@@ -321,7 +338,6 @@ def test_hf_roberta_from_modules_head_without_pooler():
 # ------------------------------------------------------------------------------------------------
 # open_clip
 # ------------------------------------------------------------------------------------------------
-open_clip = pytest.importorskip("open_clip")
 from calm_fast.models.open_clip import (OpenCLIPAdapter, load_classification_head,  # noqa: E402
                                         open_clip_from_state_dicts, visual_state_dict, zeroshot_head)
 
@@ -331,6 +347,8 @@ CLIP_CFG = dict(embed_dim=12, vision_cfg=dict(layers=1, width=16, head_width=8, 
 
 @pytest.fixture(scope="module")
 def clip():
+    import open_clip
+
     torch.manual_seed(20)
     model = open_clip.CLIP(**CLIP_CFG)
     with torch.no_grad():
@@ -340,6 +358,8 @@ def clip():
 
 def _literature_head(model, classnames, templates):
     """The task-vector code's build_classification_head, written out (transposes and all)."""
+    import open_clip
+
     model.eval()
     with torch.no_grad():
         rows = []
@@ -357,6 +377,7 @@ def _literature_head(model, classnames, templates):
         return torch.transpose(w, 0, 1)
 
 
+@needs_open_clip
 def test_open_clip_zeroshot_head_equals_text_tower(clip):
     classes = ["cat", "dog", "car", "tree"]
     templates = [lambda c: f"a photo of a {c}.", lambda c: f"a blurry {c}"]
@@ -366,8 +387,6 @@ def test_open_clip_zeroshot_head_equals_text_tower(clip):
     want = _literature_head(clip, classes, templates)
     torch.testing.assert_close(w, want, rtol=1e-6, atol=1e-6)
     assert w.shape == (4, 12) and torch.allclose(w.norm(dim=-1), clip.logit_scale.exp().expand(4))
-    assert_same(zeroshot_head(clip, classes, ["a photo of a {}."], scale=1.0).norm(dim=-1),
-                torch.ones(4), "scale=1") if False else None
     torch.testing.assert_close(zeroshot_head(clip, classes, ["{}"], scale=1.0).norm(dim=-1), torch.ones(4))
 
 
@@ -380,7 +399,10 @@ def _finetuned_clip_states(clip, n):
     return out
 
 
+@needs_open_clip
 def test_open_clip_forward_equals_literature_and_grads(clip, tmp_path):
+    import open_clip
+
     g = torch.Generator().manual_seed(0)
     heads = {"mnist": torch.randn(3, 12, generator=g), "svhn": (torch.randn(5, 12, generator=g), torch.randn(5, generator=g))}
     sds = _finetuned_clip_states(clip, 2)
@@ -420,6 +442,7 @@ def test_open_clip_forward_equals_literature_and_grads(clip, tmp_path):
     assert not any(w.requires_grad for w, _ in ad.heads)
 
 
+@needs_open_clip
 def test_open_clip_checkpoint_layouts_and_heads(clip, tmp_path):
     names = [k for k, _ in clip.named_parameters() if k.startswith("visual.")]
     sd = _finetuned_clip_states(clip, 1)[0]

@@ -86,7 +86,10 @@ class OpenCLIPAdapter(ModelAdapter):
         dtype / device: of the image tower's non-merged tensors and of the heads.
 
     ``logits(params, task, images) = (f / ||f||) @ W.T + b`` with ``f = visual(images)`` run by
-    ``torch.func.functional_call`` on ``params`` (keys ``visual.*``).
+    ``torch.func.functional_call`` on ``params`` (keys ``visual.*``), in eval mode.  Note that when no
+    tensor involved requires grad (evaluation), ``nn.MultiheadAttention`` takes torch's fused inference
+    path, whose rounding differs in the last bits from the path taken while training, exactly as for
+    the open_clip model itself.
     """
 
     def __init__(self, model: nn.Module, heads: Union[Sequence[HeadSpec], Mapping[str, HeadSpec]], *,
