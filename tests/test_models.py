@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from calm_fast.io.errors import CheckpointError, MismatchError
-from calm_fast.models import (FlatParams, GenericAdapter, LoadedModels, accuracies, accuracy, evaluate)
+from calm_fast.models import (FlatParams, GenericAdapter, LoadedModels, accuracies, accuracy, evaluate,
+                              predict_logits)
 
 from conftest import assert_same
 
@@ -148,6 +149,9 @@ def test_evaluate_per_task_and_mean(gen):
     names, acc = accuracies(ad, fp.as_dict(), {1: data["b"]}, batch_size=5)
     assert names == ["b"] and acc.dtype == torch.float64 and acc.tolist() == pytest.approx([want["b"]])
     assert accuracy(ad, fp.as_dict(), "a", *data["a"], batch_size=6) == pytest.approx(want["a"])
+    x, y = data["a"]
+    torch.testing.assert_close(predict_logits(ad, fp, "a", x, batch_size=8), heads["a"](net(x)).detach(),
+                               rtol=1e-6, atol=1e-7)
     assert fp.grad.abs().sum() == 0  # evaluation never touches the gradient buffer
     x, y = data["a"]
     with pytest.raises(ValueError, match="3 classes"):
@@ -287,6 +291,9 @@ def test_hf_bad_folders_give_clear_errors(bert_folders, tmp_path):
     (tmp_path / "junk" / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="junk"):
         load_hf_encoder(root / "base", [tmp_path / "junk"])
+    (tmp_path / "junk" / "config.json").write_text((root / "sst2" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="junk.*cannot be loaded"):  # a valid config, corrupt weights
+        load_hf_encoder(root / "base", [tmp_path / "junk"])
     # an encoder-only folder is not a fine-tuned task (its head would be random)
     with pytest.raises(CheckpointError, match="not a fine-tuned sequence-classification"):
         load_hf_encoder(root / "base", [root / "sst2", root / "base"])
@@ -404,7 +411,8 @@ def test_open_clip_forward_equals_literature_and_grads(clip, tmp_path):
     import open_clip
 
     g = torch.Generator().manual_seed(0)
-    heads = {"mnist": torch.randn(3, 12, generator=g), "svhn": (torch.randn(5, 12, generator=g), torch.randn(5, generator=g))}
+    heads = {"mnist": torch.randn(3, 12, generator=g),
+             "svhn": (torch.randn(5, 12, generator=g), torch.randn(5, generator=g))}
     sds = _finetuned_clip_states(clip, 2)
     # the two key layouts of the literature: open_clip's own (visual.*) and ImageEncoder's (model.visual.*),
     # one of them from a .pt file
@@ -442,6 +450,14 @@ def test_open_clip_forward_equals_literature_and_grads(clip, tmp_path):
     assert not any(w.requires_grad for w, _ in ad.heads)
 
 
+class ImageEncoder(nn.Module):
+    """Shaped like the task-vector code's ImageEncoder: the open_clip model as `.model`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
 @needs_open_clip
 def test_open_clip_checkpoint_layouts_and_heads(clip, tmp_path):
     names = [k for k, _ in clip.named_parameters() if k.startswith("visual.")]
@@ -457,6 +473,15 @@ def test_open_clip_checkpoint_layouts_and_heads(clip, tmp_path):
     ad, pre, _ = open_clip_from_state_dicts(clip, {"t": sd}, [torch.zeros(2, 12)], pretrained=sd)
     assert all(torch.equal(pre[k], sd[k]) for k in names) and ad.task_names == ["t"]
     assert not torch.equal(clip.visual.conv1.weight, sd["visual.conv1.weight"])  # the model is not modified
+    # the literature's fine-tuned files: a whole pickled ImageEncoder (the open_clip model under `.model`)
+    enc = ImageEncoder(copy.deepcopy(clip))
+    enc.model.load_state_dict(sd)
+    torch.save(enc, tmp_path / "image_encoder.pt")
+    with pytest.raises(CheckpointError, match="trust_pickle"):
+        open_clip_from_state_dicts(clip, [tmp_path / "image_encoder.pt"], [torch.zeros(2, 12)])
+    _, _, fts = open_clip_from_state_dicts(clip, [tmp_path / "image_encoder.pt"], [torch.zeros(2, 12)],
+                                           trust_pickle=True)
+    assert all(torch.equal(fts[0][k], sd[k]) for k in names)
     # heads saved as files: a state dict (weights_only) and a pickled linear module (trust_pickle only)
     lin = nn.Linear(12, 3)
     torch.save(lin.state_dict(), tmp_path / "head_sd.pt")

@@ -195,7 +195,8 @@ def check_state_dicts(names: Sequence[str], pretrained: Mapping[str, Tensor],
         bad = [k for k in names if tuple(sd[k].shape) != tuple(pretrained[k].shape)]
         if bad:
             k = bad[0]
-            raise MismatchError(f"{label}: {k} has shape {tuple(sd[k].shape)}, the base has {tuple(pretrained[k].shape)}")
+            raise MismatchError(f"{label}: {k} has shape {tuple(sd[k].shape)}, "
+                                f"the base has {tuple(pretrained[k].shape)}")
 
 
 def num_samples(inputs: Inputs) -> int:
@@ -223,9 +224,12 @@ def iter_batches(n: int, batch_size: int) -> Iterator[Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(adapter: ModelAdapter, params: Mapping[str, Tensor], task: Union[int, str], inputs: Inputs,
+def predict_logits(adapter: ModelAdapter, params: Union[FlatParams, Mapping[str, Tensor]], task: Union[int, str],
+                   inputs: Inputs,
                    batch_size: int = 256) -> Tensor:
     """Logits of every sample of ``inputs`` (in order), computed in batches without a graph."""
+    if isinstance(params, FlatParams):
+        params = params.as_dict()
     outs = [adapter.logits(params, task, select_batch(inputs, ids, adapter.device)).float()
             for ids in iter_batches(num_samples(inputs), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)

@@ -10,7 +10,7 @@ everywhere (a tensor or a mapping of tensors, first dimension = samples).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 

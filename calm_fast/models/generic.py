@@ -87,7 +87,8 @@ class GenericAdapter(ModelAdapter):
             h = (h, None)
         if isinstance(h, (tuple, list)) and len(h) == 2:
             w, b = h
-            if not isinstance(w, Tensor) or w.dim() != 2 or (b is not None and (not isinstance(b, Tensor) or b.dim() != 1)):
+            bad_bias = b is not None and (not isinstance(b, Tensor) or b.dim() != 1)
+            if not isinstance(w, Tensor) or w.dim() != 2 or bad_bias:
                 raise TypeError("GenericAdapter: a (weight, bias) head needs a 2-D weight and a 1-D bias (or None)")
             w = w.detach()
             b = b.detach() if b is not None else None

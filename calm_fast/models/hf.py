@@ -53,7 +53,8 @@ def _encoder_prefix(model: nn.Module) -> str:
     return prefix
 
 
-def encoder_state_dict(model: Union[nn.Module, Mapping[str, Tensor]], prefix: Optional[str] = None) -> Dict[str, Tensor]:
+def encoder_state_dict(model: Union[nn.Module, Mapping[str, Tensor]],
+                       prefix: Optional[str] = None) -> Dict[str, Tensor]:
     """The encoder tensors of ``model`` named as the encoder names them (``<prefix>.`` stripped).
 
     ``model``: a plain encoder (``AutoModel``: its whole state dict), a task model (its
@@ -161,7 +162,10 @@ class HFEncoderAdapter(ModelAdapter):
     def logits(self, params: Mapping[str, Tensor], task: Union[int, str], inputs: Inputs) -> Tensor:
         model = self._task_models[self.task_index(task)]
         tensors = {pk: params[k] for pk, k in zip(self._prefixed, self._names)}
-        kwargs = {"input_ids": inputs} if isinstance(inputs, Tensor) else {k: v for k, v in inputs.items() if k != "labels"}
+        if isinstance(inputs, Tensor):
+            kwargs = {"input_ids": inputs}
+        else:  # labels would make the model compute a loss nobody reads
+            kwargs = {k: v for k, v in inputs.items() if k != "labels"}
         out = torch.func.functional_call(model, tensors, args=(), kwargs=kwargs, strict=False)
         return out.logits if hasattr(out, "logits") else out[0]
 
@@ -293,7 +297,9 @@ def _from_pretrained(auto_cls, folder: Path, what: str, dtype: torch.dtype):
     try:
         with _quiet_transformers():
             return auto_cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except ImportError:
+        raise
+    except Exception as e:  # corrupt weights raise the loaders' own types (e.g. SafetensorError)
         msg = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{what}: {folder} cannot be loaded as {auto_cls.__name__}: {msg}") from e
 

@@ -120,7 +120,8 @@ class OpenCLIPAdapter(ModelAdapter):
         self.heads: List[Tuple[Tensor, Optional[Tensor]]] = []
         for name, h in zip(self.task_names, head_list):
             w, b = _head_tensors(h, f"head of task {name!r}")
-            self.heads.append((w.to(dtype=dtype, device=self.device), None if b is None else b.to(dtype=dtype, device=self.device)))
+            dev_ = self.device
+            self.heads.append((w.to(dtype=dtype, device=dev_), None if b is None else b.to(dtype=dtype, device=dev_)))
 
     def param_names(self) -> List[str]:
         return list(self._names)
@@ -303,7 +304,8 @@ def open_clip_from_state_dicts(model: nn.Module, finetuned: Union[Sequence[Any],
         with torch.no_grad():
             for (k, t), n in zip(adapter.visual.named_parameters(), names):
                 if tuple(base[n].shape) != tuple(t.shape):
-                    raise MismatchError(f"pretrained: {n} has shape {tuple(base[n].shape)}, the model has {tuple(t.shape)}")
+                    raise MismatchError(f"pretrained: {n} has shape {tuple(base[n].shape)}, "
+                                        f"the model has {tuple(t.shape)}")
                 t.copy_(base[n])
     pre = {k: v.cpu() for k, v in adapter.pretrained_state_dict().items()}
     fts = []
