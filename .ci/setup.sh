@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine (the README's two commands start with it):
-#   .venv with torch 2.14.1 and the test tools, then calm_fast built in place: CPU kernels always,
-#   CUDA kernels when nvcc is found (no GPU needed to compile), and the emulated-CUDA test module.
+#   .venv with torch 2.14.1, the test tools and the model-adapter extras (transformers, open_clip_torch;
+#   torchvision pinned to the release made for torch 2.14.1, in the same command so torch is not changed),
+#   then calm_fast built in place: CPU kernels always, CUDA kernels when nvcc is found (no GPU needed to
+#   compile), and the emulated-CUDA test module.
 # The build (minutes) is skipped while its stamp is unchanged: .ci/build_stamp.py hashes csrc/,
 # setup.py, the torch version and the build switches; any change (or a missing module) rebuilds.
 set -euo pipefail
@@ -9,7 +11,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-    torch==2.14.1 ninja numpy safetensors tqdm pyyaml pydantic pytest pytest-benchmark hypothesis
+    torch==2.14.1 torchvision==0.29.1 ninja numpy safetensors tqdm pyyaml pydantic pytest pytest-benchmark hypothesis \
+    "transformers>=4.56" "open_clip_torch>=2.24"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export CALM_FAST_BUILD_EMU=${CALM_FAST_BUILD_EMU:-1} MAX_JOBS=${MAX_JOBS:-2}
 

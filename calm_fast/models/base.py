@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -160,6 +161,44 @@ class ModelAdapter(ABC):
         return torch.device("cpu")
 
 
+@dataclass
+class LoadedModels:
+    """What a loader returns: the adapter plus the merged tensors of the base and of each fine-tuned model.
+
+    ``pretrained`` and every ``finetuned[t]`` map exactly ``adapter.param_names()`` (same order) to
+    tensors, so a method builds task vectors as ``finetuned[t][k] - pretrained[k]``.  Unpacks as
+    ``adapter, pretrained, finetuned = loaded``.
+    """
+
+    adapter: ModelAdapter
+    pretrained: Dict[str, Tensor]
+    finetuned: List[Dict[str, Tensor]]
+
+    def __iter__(self):
+        return iter((self.adapter, self.pretrained, self.finetuned))
+
+    @property
+    def task_names(self) -> List[str]:
+        return list(self.adapter.task_names)
+
+
+def check_state_dicts(names: Sequence[str], pretrained: Mapping[str, Tensor],
+                      finetuned: Sequence[Mapping[str, Tensor]], task_names: Sequence[str]) -> None:
+    """Raise :class:`~calm_fast.io.errors.MismatchError` unless every state dict holds ``names`` with the
+    base's shapes (what a loader promises in :class:`LoadedModels`)."""
+    from ..io.errors import MismatchError
+
+    for label, sd in [("pretrained", pretrained)] + [(f"task {t!r}", f) for t, f in zip(task_names, finetuned)]:
+        missing = [k for k in names if k not in sd]
+        if missing:
+            raise MismatchError(f"{label}: no tensor named {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        bad = [k for k in names if tuple(sd[k].shape) != tuple(pretrained[k].shape)]
+        if bad:
+            k = bad[0]
+            raise MismatchError(f"{label}: {k} has shape {tuple(sd[k].shape)}, "
+                                f"the base has {tuple(pretrained[k].shape)}")
+
+
 def num_samples(inputs: Inputs) -> int:
     """Number of samples (first dimension) of a tensor or of every tensor of a mapping (must agree)."""
     if isinstance(inputs, Tensor):
@@ -185,12 +224,29 @@ def iter_batches(n: int, batch_size: int) -> Iterator[Tensor]:
 
 
 @torch.no_grad()
-def predict_logits(adapter: ModelAdapter, params: Mapping[str, Tensor], task: Union[int, str], inputs: Inputs,
+def predict_logits(adapter: ModelAdapter, params: Union[FlatParams, Mapping[str, Tensor]], task: Union[int, str],
+                   inputs: Inputs,
                    batch_size: int = 256) -> Tensor:
     """Logits of every sample of ``inputs`` (in order), computed in batches without a graph."""
+    if isinstance(params, FlatParams):
+        params = params.as_dict()
     outs = [adapter.logits(params, task, select_batch(inputs, ids, adapter.device)).float()
             for ids in iter_batches(num_samples(inputs), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+@torch.no_grad()
+def correct_count(adapter: ModelAdapter, params: Union["FlatParams", Mapping[str, Tensor]], task: Union[int, str],
+                  inputs: Inputs, labels: Tensor, batch_size: int = 256) -> Tensor:
+    """Number of correct top-1 predictions, an int64 scalar on the adapter's device (no host sync)."""
+    if isinstance(params, FlatParams):
+        params = params.as_dict()
+    dev = adapter.device
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    for ids in iter_batches(num_samples(inputs), batch_size):
+        pred = adapter.logits(params, task, select_batch(inputs, ids, dev)).argmax(-1)
+        correct += (pred == labels.index_select(0, ids.to(labels.device)).to(pred.device)).sum()
+    return correct
 
 
 @torch.no_grad()
@@ -202,8 +258,4 @@ def accuracy(adapter: ModelAdapter, params: Mapping[str, Tensor], task: Union[in
         raise ValueError(f"accuracy: {n} inputs but {int(labels.shape[0])} labels")
     if n == 0:
         raise ValueError("accuracy: no samples")
-    correct = torch.zeros((), dtype=torch.int64, device=adapter.device)
-    for ids in iter_batches(n, batch_size):
-        pred = adapter.logits(params, task, select_batch(inputs, ids, adapter.device)).argmax(-1)
-        correct += (pred == labels.index_select(0, ids.to(labels.device)).to(pred.device)).sum()
-    return int(correct) / n
+    return int(correct_count(adapter, params, task, inputs, labels, batch_size)) / n
