@@ -32,6 +32,15 @@ from conftest import assert_same
 calm_module = sys.modules["calm_fast.methods.calm"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks: one thread is fastest (and the machine is shared); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _kernel_sigmoid(x):
     r = x.float().contiguous()
     return torch.ops.calm_fast.calm_interpolate([], [torch.zeros_like(r)], [torch.ones_like(r)], [r], "fused",
@@ -274,7 +283,6 @@ def test_calm_beats_ta_and_ties_on_heldout():
     task is fine-tuned from the same random θ0 with Adam (so its first-layer change is localised, the
     shared second layer interferes).  CALM (2 tasks by TA, 2 by masks, η = 1e4, 100 iterations, sparsity
     1e-2 for this 1.6K-parameter model) vs TA and TIES at λ = 0.3 on held-out data."""
-    torch.set_num_threads(1)
     D, H, Fd, C, T = 32, 32, 16, 4, 4
     B = D // T
     g = torch.Generator().manual_seed(1)
