@@ -171,6 +171,10 @@ def test_credible_rules():
     z = torch.tensor([[800.0, 0.0], [0.0, 801.0], [1.0, 0.0], [0.0, 3.0], [700.0, 0.0]], dtype=torch.float64)
     c = credible_samples(z, 1.0)
     assert c.ids.tolist() == [0, 1, 2, 3, 4] and c.labels.tolist() == [0, 1, 0, 1, 0]
+    assert credible_samples(z, 0.67).ids.tolist() == [0, 1, 4]   # the overflowing rows are the most confident
+    # entropies are float64: a difference below float32 resolution still orders the samples
+    z = torch.tensor([[3.0, 0.0], [3.0 + 1e-10, 0.0]], dtype=torch.float64)
+    assert credible_samples(z, 0.5).ids.tolist() == [1]
     with pytest.raises(ValueError, match="NaN or inf"):
         credible_samples(torch.tensor([[float("nan"), 0.0]]), 0.9)
     with pytest.raises(ValueError, match="empty"):
@@ -218,8 +222,10 @@ def test_batch_sampler_two_batches_or_one():
 # ------------------------------------------------------------------------------------------------
 # The whole loop vs the reference (§8.9, official order)
 # ------------------------------------------------------------------------------------------------
-def test_faithful_matches_reference_bitwise(monkeypatch):
-    res, ref, cred, seen_R, adapter = _run_both(monkeypatch, faithful=True)
+@pytest.mark.parametrize("bias", [5.0, 0.0])
+def test_faithful_matches_reference_bitwise(monkeypatch, bias):
+    # bias 0 starts every logit at R = +-0, where sgn+(R) = -1 and the mask is 0 (§8.8)
+    res, ref, cred, seen_R, adapter = _run_both(monkeypatch, faithful=True, sigmoid_bias=bias)
     for t, n in enumerate(NAMES):
         assert torch.equal(res.credible[n].ids, cred[t][0]), n
         assert torch.equal(res.credible[n].labels, cred[t][1]), n
