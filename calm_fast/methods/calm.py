@@ -438,10 +438,10 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         seen = [tasks[i] for g in groups[:s + 1] for i in g]
         tau_new = tau_of(new_task, masked, device)
         R = calm_ops.init_mask_logits(tau_new, fraction=sparsity, bias=sigmoid_bias)
-        A_flat = torch.zeros(fp.numel, dtype=torch.float32, device=device)
-        A = [A_flat[a:b].view(sh) for a, b, sh in zip(fp.offsets[:-1], fp.offsets[1:], fp.shapes)]
         with torch.no_grad():
             fp.copy_(ops.calm_interpolate(base, tau_prev, tau_new, R, mode, out_float=True))
+        A_flat = torch.zeros(fp.numel, dtype=torch.float32, device=device)  # after the temporary above: lower peak
+        A = [A_flat[a:b].view(sh) for a, b, sh in zip(fp.offsets[:-1], fp.offsets[1:], fp.shapes)]
         losses = torch.zeros(iterations, dtype=torch.float32, device=device)
         counts = torch.zeros(iterations, 2, dtype=torch.int64, device=device)
         evals_in_loop: List[Dict[str, Any]] = []
@@ -469,7 +469,10 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
                     loss.backward()
                     loss_acc += loss.detach()
                     if faithful:
+                        tc = time.perf_counter()
                         ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
+                        t_update += time.perf_counter() - tc
+                        ta += time.perf_counter() - tc  # not network time
             tb = time.perf_counter()
             if not faithful:
                 ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=False)
@@ -495,6 +498,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         if bar is not None:
             bar.close()
 
+        del A, A_flat  # free before the merged task vector is allocated
         tau_next, n_on = ops.calm_binarize_merge(tau_prev, tau_new, R)
         on_flat = torch.cat([(calm_ops.sigmoid(r) > 0.5).reshape(-1) for r in R])
         masks.append({"step": s, "task": new_task, "packed": ops.pack_mask(on_flat).cpu(), "numel": int(on_flat.numel()),
@@ -503,7 +507,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         frozen_new = tau_of(new_task, frozen, None) if frozen else []
         frozen_prev = [0.5 * (p + n) for p, n in zip(frozen_prev, frozen_new)]
         tau_prev = tau_next
-        del tau_new, R, A, A_flat
+        del tau_new, R
         step_rec: Dict[str, Any] = {
             "step": s, "task": new_task, "seen": seen, "kind": "mask", "on": int(n_on),
             "loss": losses.cpu().tolist(), "on_count": counts[:, 0].cpu().tolist(),
@@ -512,6 +516,8 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         if evals:
             step_rec["accuracy"] = _evaluate(adapter, masked, [b.float() + p for b, p in zip(base, tau_prev)], evals,
                                              eval_batch_size)
+        # network_s: forward + backward (+ drawing batches); mask_update_s: accumulate + mask step.  Host
+        # clock: on a GPU these are mostly launch times (step_s includes the step's final synchronisation).
         step_rec["timings"] = {"step_s": time.perf_counter() - t_step, "network_s": t_network,
                                "mask_update_s": t_update}
         steps.append(step_rec)
