@@ -387,7 +387,7 @@ def test_teacher_logits_and_eval_inside_loop():
     for n in NAMES:
         assert torch.equal(a.credible[n].ids, b.credible[n].ids)
     labelled = {n: (data[n], torch.randint(0, CLASSES[t], (SAMPLES[t],))) for t, n in enumerate(NAMES[:3])}
-    r = _small_call(iterations=4, eval_data=labelled, eval_every=2)
+    r = _small_call(iterations=4, eval_data=labelled, eval_every=2, progress=True)   # bars and postfix too
     for s in r.steps[1:3]:
         assert [e["iteration"] for e in s["evaluations"]] == [1, 3]
         assert set(s["evaluations"][0]["accuracy"]) == {"a", "b", "c", "mean"}
