@@ -6,7 +6,8 @@ Quick start::
     merged = calm_fast.ties_merging(pretrained_sd, [ft1_sd, ft2_sd], density=0.2, merge="sum", scaling=0.3)
 
 Methods: :func:`task_arithmetic`, :func:`ties_merging`, :func:`dare_merging`, :func:`consensus_merging`
-(semantics in their docstrings and in the README).  ``calm_fast.ops`` holds the list-based fused ops
+(semantics in their docstrings and in the README); :func:`calm` runs CALM on a network through a model
+adapter (:mod:`calm_fast.models`).  ``calm_fast.ops`` holds the list-based fused ops
 (CALM's mask-training ops among them; ``calm_fast.calm_ops`` their helpers), ``calm_fast.reference`` the
 pure-PyTorch specification, ``calm_fast.backend()`` says what runs here (``native-cuda`` only where a GPU is visible),
 ``calm_fast.cuda_kernels_built()`` whether CUDA kernels were compiled, ``calm_fast.cuda_available()``
@@ -21,11 +22,13 @@ from .ops import _register_fakes  # noqa: E402
 
 _register_fakes()
 
-from .methods import consensus_merging, dare_merging, task_arithmetic, ties_merging  # noqa: E402
+from .methods import CalmResult, calm, consensus_merging, dare_merging, task_arithmetic, ties_merging  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["backend", "backend_info", "build_info", "cuda_available", "cuda_kernels_built", "task_arithmetic", "ties_merging", "dare_merging", "consensus_merging",
+__all__ = ["backend", "backend_info", "build_info", "cuda_available", "cuda_kernels_built",
+           "task_arithmetic", "ties_merging", "dare_merging", "consensus_merging",
+           "calm", "CalmResult",
            "ops", "selection", "reference", "calm_ops", "__version__"]
 
 

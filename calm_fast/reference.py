@@ -465,3 +465,91 @@ def consensus_merging_reference(pretrained, finetuned, tall_lambdas=0.6, min_cou
     count = torch.stack(masks).sum(dim=0)
     merged = ptm + alpha * torch.where(count >= min_count, mtl, torch.zeros_like(mtl))
     return _unflatten(merged, pretrained, keys), [_unflatten(m, pretrained, keys) for m in masks]
+
+
+# ------------------------------------------------------------------------------------------------
+# CALM end to end (ALGORITHMS.md §8.2 and §8.9), written the way the official code computes it
+# ------------------------------------------------------------------------------------------------
+def calm_credible_reference(logits, ratio: float, standard: int = 0):
+    """§8.2 literally in NumPy: float64 softmax without max-subtraction, H = -Σ p ln(p + 1e-9), argmax
+    pseudo-labels, per predicted class the first floor(ratio·|I_c|) of NumPy's default argsort of H
+    (``standard=1``: the global lowest floor(ratio·n)).  Returns (sorted sample ids, their labels)."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z) / np.sum(np.exp(z), axis=1, keepdims=True)
+    ent = -np.sum(p * np.log(p + 1e-9), axis=1)
+    pred = np.argmax(z, axis=1)
+    if standard == 1:
+        sel = list(np.argsort(ent)[: int(math.floor(ratio * len(ent)))])
+    else:
+        sel = []
+        for c in np.unique(pred):
+            idx = np.where(pred == c)[0]
+            order = np.argsort(ent[idx])
+            sel.extend(idx[order[: int(math.floor(ratio * len(idx)))]])
+    ids = np.sort(np.array(sel, dtype=np.int64))
+    return ids, pred[ids]
+
+
+def calm_reference(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]],
+                   masked_keys: Sequence[str], groups: Sequence[Sequence[int]], loss_fn, batches, *,
+                   iterations: int = 100, eta: float = 1e7, alpha: float = 1.0, sparsity: float = 1e-5,
+                   bias: float = 5.0, ta_scaling: float = 0.3, record=()):
+    """CALM's whole procedure (§8.9) in the official arithmetic order (§8.8b), on fp32 state dicts.
+
+    ``loss_fn(params, task, ids)`` is the batch-mean cross-entropy of task ``task`` on the credible samples
+    ``ids`` with the masked tensors ``params`` (a dict); ``batches(step, iteration, task)`` gives the list
+    of id batches of a seen task (steps count from 1).  ``record`` lists ``(step, iteration)`` pairs whose
+    R (after the update) is returned.  Every floating key of ``pretrained`` not in ``masked_keys`` is a
+    frozen leftover (TA at step 0, then 0.5·(τ_prev + τ_new)).
+
+    Returns ``{"task_vector": {key: τ_final}, "masks": [{key: bool}], "R": {(step, it): {key: R}}}``.
+    """
+    keys = [k for k in pretrained if pretrained[k].is_floating_point()]
+    taus = [{k: ft[k] - pretrained[k] for k in keys} for ft in finetuned]
+    scale = torch.tensor(ta_scaling, dtype=torch.float32)
+    acc = {}
+    for k in keys:
+        s = taus[groups[0][0]][k]
+        for t in groups[0][1:]:
+            s = s + taus[t][k]
+        acc[k] = s * scale
+    seen = list(groups[0])
+    masks, history = [], {}
+    want = set(record)
+    for step, group in enumerate(groups[1:], start=1):
+        new = group[-1]
+        seen = seen + [new]
+        prev, nxt = acc, taus[new]
+        flat = torch.cat([nxt[k].abs().reshape(-1) for k in masked_keys])
+        k_top = int(sparsity * flat.numel())
+        thr = torch.topk(flat, k_top).values.min()
+        R = {k: torch.where(nxt[k].abs() > thr, torch.tensor(bias), torch.tensor(-bias)).float() for k in masked_keys}
+        for it in range(iterations):
+            params = {}
+            for k in masked_keys:
+                s = calm_sigmoid(R[k])
+                params[k] = (pretrained[k] + (1 - s) * prev[k] + s * nxt[k]).detach().requires_grad_(True)
+            A = {k: torch.zeros_like(R[k]) for k in masked_keys}
+            for t in seen:
+                for ids in batches(step, it, t):
+                    loss = loss_fn(params, t, ids)
+                    grads = torch.autograd.grad(loss, [params[k] for k in masked_keys])
+                    for k, g in zip(masked_keys, grads):
+                        A[k] = A[k] + eta * (-g * prev[k] + g * nxt[k])
+            for k in masked_keys:
+                s = calm_sigmoid(R[k])
+                d = s * (1 - s)
+                R[k] = R[k] - (A[k] * d - alpha * torch.where(R[k] > 0, d, -d))
+            if (step, it) in want:
+                history[(step, it)] = {k: R[k].clone() for k in masked_keys}
+        m = {k: torch.round(calm_sigmoid(R[k])) for k in masked_keys}
+        masks.append({k: m[k] == 1 for k in masked_keys})
+        acc = {}
+        for k in keys:
+            if k in m:
+                acc[k] = (1 - m[k]) * prev[k] + m[k] * nxt[k]
+            else:
+                acc[k] = 0.5 * (prev[k] + nxt[k])
+    return {"task_vector": acc, "masks": masks, "R": history}
