@@ -80,6 +80,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"calm-fast demo: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - a clear one-line message; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"calm-fast demo: internal error: {type(e).__name__}: {e} (rerun with --debug)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover
