@@ -99,16 +99,19 @@ def test_task_splits_against_raw_files(name):
 @needs_assets
 @pytest.mark.parametrize("name", ["rt_sentiment", "convention_party"])
 def test_groups_never_cross_splits(name):
-    """A movie (a speaker) is entirely in one split."""
+    """A movie (a speaker) is entirely in one split (a text seen under several groups keeps its first one,
+    as the de-duplication does)."""
     spec = TASKS[name]
     data = load_task(spec)
-    group_of = defaultdict(set)
+    group_of = {}
     for r in raw_csv(spec.source):
+        if r[spec.options["label"]] not in spec.labels:
+            continue
         text = r[spec.options["text"]]
         units = text.split("\n") if spec.options.get("unit") == "paragraph" else [text]
         for u in units:
-            group_of[norm(u)].add(r[spec.options["group"]])
-    groups = {split: set().union(*(group_of[t] for t in getattr(data, split).texts)) for split in ("train", "val", "test")}
+            group_of.setdefault(norm(u), r[spec.options["group"]])
+    groups = {split: {group_of[t] for t in getattr(data, split).texts} for split in ("train", "val", "test")}
     assert not groups["train"] & groups["test"] and not groups["train"] & groups["val"] and not groups["val"] & groups["test"]
 
 
