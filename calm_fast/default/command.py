@@ -66,7 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = root / f"results-{profile.name}"
         write_json(record, out.with_suffix(".json"))
         write_plot(record, out.with_suffix(".png"))
-        print(f"total {record['total_seconds']:.1f}s (fine-tuning {record['finetune_seconds']:.1f}s); "
+        print(f"total {record['total_seconds']:.1f}s wall, {record['cpu_seconds']:.1f}s CPU (fine-tuning "
+              f"{record['finetune_seconds']:.1f}s); "
               f"wrote {out}.json and {out}.png; fine-tuned checkpoints in {root / 'checkpoints'}")
         return EXIT_OK
     except KeyboardInterrupt:

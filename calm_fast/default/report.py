@@ -62,3 +62,15 @@ def write_plot(record: Dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
     plt.close(fig)
+
+
+def markdown_table(record: Dict) -> str:
+    """The table as Markdown (for the README)."""
+    tasks = record["profile"]["tasks"]
+    lines = ["| method | " + " | ".join(tasks) + " | mean | merge + eval (s) |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for r in record["results"]:
+        cells = " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in tasks)
+        lines.append(f"| {r['label']} | {cells} | **{100 * r['mean']:.1f}** | "
+                     f"{r['merge_seconds']:.1f} + {r['eval_seconds']:.1f} |")
+    return "\n".join(lines)
