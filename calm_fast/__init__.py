@@ -5,8 +5,8 @@ Quick start::
     import calm_fast
     merged = calm_fast.ties_merging(pretrained_sd, [ft1_sd, ft2_sd], density=0.2, merge="sum", scaling=0.3)
 
-Methods: :func:`task_arithmetic`, :func:`ties_merging`, :func:`dare_merging`, :func:`consensus_merging`
-(semantics in their docstrings and in the README).  ``calm_fast.ops`` holds the list-based fused ops
+Methods: :func:`task_arithmetic`, :func:`ties_merging`, :func:`dare_merging`, :func:`consensus_merging`,
+:func:`doge_ta` (semantics in their docstrings and in the README).  ``calm_fast.ops`` holds the list-based fused ops
 (CALM's mask-training ops among them; ``calm_fast.calm_ops`` their helpers), ``calm_fast.reference`` the
 pure-PyTorch specification, ``calm_fast.backend()`` says which implementation is active.
 """
@@ -19,12 +19,12 @@ from .ops import _register_fakes  # noqa: E402
 
 _register_fakes()
 
-from .methods import consensus_merging, dare_merging, task_arithmetic, ties_merging  # noqa: E402
+from .methods import consensus_merging, dare_merging, doge_ta, task_arithmetic, ties_merging  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "build_info", "task_arithmetic", "ties_merging", "dare_merging", "consensus_merging",
-           "ops", "selection", "reference", "calm_ops", "__version__"]
+           "doge_ta", "ops", "selection", "reference", "calm_ops", "__version__"]
 
 
 def __getattr__(name):

@@ -4,7 +4,8 @@ Next (designed for, see DESIGN.md): calm.py (CALM mask training), doge.py (DOGE)
 """
 from .consensus import consensus_merging
 from .dare import dare_merging
+from .doge import DogeResult, doge_ta
 from .task_arithmetic import task_arithmetic
 from .ties import ties_merging
 
-__all__ = ["task_arithmetic", "ties_merging", "dare_merging", "consensus_merging"]
+__all__ = ["task_arithmetic", "ties_merging", "dare_merging", "consensus_merging", "doge_ta", "DogeResult"]
