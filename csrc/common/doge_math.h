@@ -8,8 +8,9 @@
 // lane, since each pair adds the same two values).
 //
 // Adam (doge_adam_) reproduces torch.optim.Adam's single-tensor CPU step (no weight decay, no amsgrad):
-//   exp_avg.lerp_(g, 1 - beta1)        ATen's lerp: m + w (g - m) as ONE fused multiply-add (w < 0.5),
-//                                      else g - (g - m)(1 - w)
+//   exp_avg.lerp_(g, 1 - beta1)        ATen's lerp: m + w (g - m) as ONE fused multiply-add (w < 0.5, i.e.
+//                                      beta1 > 0.5, the case checked against torch), else g - (g - m)(1 - w)
+//                                      (ATen's scalar formula; not checked bit for bit)
 //   exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)   v beta2, then fma((1 - beta2) g, g, v beta2)
 //   denom = exp_avg_sq.sqrt() / bias_correction2_sqrt + eps
 //   param.addcdiv_(exp_avg, denom, value=-step_size)          p + (-step_size * m) / denom
