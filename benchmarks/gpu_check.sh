@@ -34,9 +34,9 @@ step "build against this machine's torch (CUDA kernels forced on)" \
     env CALM_FAST_CUDA=1 CALM_FAST_BUILD_EMU=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -q --no-build-isolation --no-deps -e .
 step "whole test-suite (CUDA tests on the GPU)" $PY -m pytest -q -x
 step "compute-sanitizer memcheck (small CUDA subset)" \
-    compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py tests/test_cuda_calm_ops.py -k "small"
+    compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py tests/test_cuda_calm_ops.py tests/test_cuda_doge_ops.py -k "small"
 step "compute-sanitizer racecheck (small CUDA subset)" \
-    compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py tests/test_cuda_calm_ops.py -k "small"
+    compute-sanitizer --tool racecheck --error-exitcode 1 $PY -m pytest -q -x tests/test_cuda_ops.py tests/test_cuda_calm_ops.py tests/test_cuda_doge_ops.py -k "small"
 step "benchmarks fp32 (ViT-B/32 size, T=8)" \
     $PY benchmarks/report.py --device cuda --n 88000000 --ref-n 88000000 --repeat 10 --ref-repeat 3 \
         --out "$OUTDIR/gpu_float32_${STAMP}.json"

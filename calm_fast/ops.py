@@ -345,6 +345,46 @@ def calm_binarize_merge(tau_prev: Sequence[Tensor], tau_new: Sequence[Tensor], R
 
 
 # ---------------------------------------------------------------------------------------------
+# DOGE_TA (ALGORITHMS.md §9.1): the closed-form gradient of a batch of same-shape layers, and Adam.
+# float32 or float64 tensors, contiguous, one device.  The DOGE method (calm_fast.methods.doge) runs
+# doge_row_grad_ -> low-rank projection (two batched GEMMs) -> doge_adam_ per iteration and shape.
+# ---------------------------------------------------------------------------------------------
+def doge_row_grad_(grad: Tensor, tau: Tensor, delta: Tensor, e: Tensor, lam_sum: Tensor) -> Tensor:
+    """DOGE's gradient for ``B`` same-shape layers, written into ``grad`` ([B, m, n]).
+
+    ``tau`` [B, T, m, n] task vectors, ``delta`` [B, m, n], ``e`` [B, T, m] with
+    ``e_j[a] = ||tau_j[a, :]||^2 - <tau_j[a, :], S[a, :]>`` (``S = sum_t lambda_t tau_t``), ``lam_sum`` [B]
+    (``Lambda = sum_t lambda_t``).  Per row: ``q_j = <tau_j[a, :], delta[a, :]>``, ``r_j = e_j - Lambda q_j``,
+    ``grad[a, :] = -2 Lambda sum_j r_j tau_j[a, :]``.  Returns the loss ``sum_{j, a} r_j^2`` per layer
+    (float64 [B], at ``delta`` before any update).  No autograd graph; identical bits on CPU and CUDA.
+    """
+    return _ops().doge_row_grad_(grad, tau, delta, e, lam_sum)
+
+
+def adam_scalars(step: int, lr: float, betas: Tuple[float, float]) -> Tuple[float, float]:
+    """(-step_size, bias_correction2_sqrt) of Adam step ``step`` (1-based), computed as torch.optim.Adam does."""
+    beta1, beta2 = betas
+    bias_correction1 = 1 - beta1 ** float(step)
+    bias_correction2 = 1 - beta2 ** float(step)
+    step_size = lr / bias_correction1
+    return -step_size, bias_correction2 ** 0.5
+
+
+def doge_adam_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, step: int, lr: float = 1e-4,
+               betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One ``torch.optim.Adam`` step (no weight decay, amsgrad or maximize) in place, in one pass.
+
+    ``step`` is the 1-based step count (bias correction).  ``exp_avg`` and ``exp_avg_sq`` are the same
+    numbers as torch.optim.Adam's state, bit for bit; ``param`` too, except where torch's vectorised CPU
+    square root is one ulp off the correctly rounded one this op uses (then ``param`` differs by about an
+    ulp of the step).
+    """
+    neg_step, bc2_sqrt = adam_scalars(step, lr, betas)
+    _ops().doge_adam_(param, exp_avg, exp_avg_sq, grad, float(betas[0]), float(betas[1]), neg_step, bc2_sqrt,
+                      float(eps))
+
+
+# ---------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck.
 # ---------------------------------------------------------------------------------------------
 def _register_fakes() -> None:
@@ -427,3 +467,11 @@ def _register_fakes() -> None:
     def _(tau_prev, tau_new, R):
         dt = _calm_out_dtype([], tau_prev, tau_new, False)
         return [torch.empty_like(r, dtype=dt) for r in R], _scalar(R)
+
+    @torch.library.register_fake("calm_fast::doge_row_grad_")
+    def _(grad, tau, delta, e, lam_sum):
+        return torch.empty(tau.shape[0], dtype=torch.float64, device=tau.device)
+
+    @torch.library.register_fake("calm_fast::doge_adam_")
+    def _(param, exp_avg, exp_avg_sq, grad, beta1, beta2, neg_step_size, bias_correction2_sqrt, eps):
+        return None

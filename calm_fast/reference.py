@@ -553,3 +553,104 @@ def calm_reference(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping
             else:
                 acc[k] = 0.5 * (prev[k] + nxt[k])
     return {"task_vector": acc, "masks": masks, "R": history}
+
+
+# DOGE_TA (ALGORITHMS.md §9.1): plain autograd, the m x m projector, torch.optim.Adam
+# ------------------------------------------------------------------------------------------------
+def doge_fusion_bench_key(key: str) -> bool:
+    """FusionBench's DOGE filter (§0.3): keys containing "encoder" and "weight" and not "layer_norm"."""
+    return "encoder" in key and "weight" in key and "layer_norm" not in key
+
+
+def doge_subspace_reference(taus: Sequence[Tensor], subspace: int = 6) -> Tensor:
+    """U_r (m x r) of one layer (§9.1 step B): per task a thin SVD, its first k = floor(K / T) left singular
+    vectors placed in columns [t k, (t + 1) k) of B (m x K, K = min(m, n)), then a thin SVD of B and its
+    first r = floor(K / subspace) left singular vectors."""
+    T = len(taus)
+    m, n = taus[0].shape
+    K = min(m, n)
+    k = K // T
+    B = torch.zeros(m, K, dtype=taus[0].dtype, device=taus[0].device)
+    for t, tau in enumerate(taus):
+        U, _, _ = torch.linalg.svd(tau, full_matrices=False)
+        B[:, t * k:(t + 1) * k] = U[:, :k]
+    U_B, _, _ = torch.linalg.svd(B, full_matrices=False)
+    return U_B[:, :K // subspace]
+
+
+def doge_loss_reference(delta: Tensor, taus: Sequence[Tensor], lambdas: Sequence) -> Tensor:
+    """L(delta) = sum_j sum_a <tau_j[a, :], tau_j[a, :] - M[a, :]>^2 with M = sum_t lambda_t (tau_t + delta)."""
+    M = sum(lam * (tau + delta) for lam, tau in zip(lambdas, taus))
+    return sum((((tau * (tau - M)).sum(dim=1)) ** 2).sum() for tau in taus)
+
+
+def doge_delta_reference(taus: Sequence[Tensor], lambdas: Sequence, U_r: Tensor, steps: int = 400, lr: float = 1e-4,
+                         betas=(0.9, 0.999), eps: float = 1e-8):
+    """§9.1 steps C-D for one layer: autograd gradient of the loss, projected with P = U_r U_r^T (the m x m
+    projector: G <- G - P G), torch.optim.Adam.  Returns (delta, list of the loss before each step)."""
+    P = U_r @ U_r.T
+    delta = torch.zeros_like(taus[0], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr, betas=betas, eps=eps)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = doge_loss_reference(delta, taus, lambdas)
+        loss.backward()
+        with torch.no_grad():
+            delta.grad -= P @ delta.grad
+        opt.step()
+        losses.append(float(loss.detach()))
+    return delta.detach(), losses
+
+
+def doge_ta_reference(pretrained, finetuned, eta: float = 0.07, subspace: int = 6, K: float = 0.3, steps: int = 400,
+                      lr: float = 1e-4, keys: Optional[Sequence[str]] = None, dtype: torch.dtype = torch.float32):
+    """DOGE_TA as §9.1 (FusionBench's code): tau = theta_t - theta_0 (in ``dtype``), lambda = eta / ||tau||_F,
+    the shared subspace, delta by projected Adam (layers one after the other), a top-K trim of the original
+    task vectors (P1, one threshold per task over all keys flattened in sorted order), merge; every other
+    key keeps theta_0.  Returns dict(merged=..., delta={key: delta}, lambdas={key: [T]}, losses={key: [...]})."""
+    if keys is None:
+        keys = [k for k in pretrained if pretrained[k].is_floating_point() and doge_fusion_bench_key(k)]
+    keys = sorted(keys)
+    T = len(finetuned)
+    taus = {k: [ft[k].to(dtype) - pretrained[k].to(dtype) for ft in finetuned] for k in keys}
+    lambdas = {k: [eta / torch.norm(t) for t in taus[k]] for k in keys}
+    deltas, losses = {}, {}
+    for k in keys:
+        U_r = doge_subspace_reference(taus[k], subspace)
+        deltas[k], losses[k] = doge_delta_reference(taus[k], lambdas[k], U_r, steps, lr)
+    flat = torch.stack([torch.cat([taus[k][t].reshape(-1) for k in keys]) for t in range(T)])
+    mask = topk_values_mask_reference(flat, K)
+    merged = dict(pretrained)
+    off = 0
+    for k in keys:
+        n = pretrained[k].numel()
+        acc = None
+        for t in range(T):
+            masked = (taus[k][t] + deltas[k]) * mask[t, off:off + n].reshape(pretrained[k].shape)
+            acc = lambdas[k][t] * masked if acc is None else acc + lambdas[k][t] * masked
+        merged[k] = (pretrained[k].to(dtype) + acc).to(pretrained[k].dtype)
+        off += n
+    return dict(merged=merged, delta=deltas, lambdas={k: torch.stack(lambdas[k]) for k in keys}, losses=losses)
+
+
+def _doge_row_grad_(grad, tau, delta, e, lam_sum):
+    """Reference of ``doge_row_grad_`` (same result up to the order of the sums)."""
+    lam = lam_sum[:, None, None]
+    q = (tau * delta[:, None]).sum(-1)              # [B, T, m]
+    r = e - lam * q
+    grad.copy_(-2 * lam * (r[..., None] * tau).sum(1))
+    return (r.double() ** 2).sum((1, 2))
+
+
+def _doge_adam_(param, exp_avg, exp_avg_sq, grad, beta1, beta2, neg_step_size, bias_correction2_sqrt, eps):
+    """Reference of ``doge_adam_``: torch.optim.Adam's single-tensor step, with a correctly rounded sqrt."""
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    root = exp_avg_sq.double().sqrt().float() if exp_avg_sq.dtype == torch.float32 else exp_avg_sq.sqrt()
+    denom = (root / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=neg_step_size)
+
+
+ReferenceOps.doge_row_grad_ = staticmethod(_doge_row_grad_)
+ReferenceOps.doge_adam_ = staticmethod(_doge_adam_)

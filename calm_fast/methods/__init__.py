@@ -1,12 +1,14 @@
 """Merging methods on state dicts; each module composes the fused ops of calm_fast.ops.
 
 calm.py runs CALM end to end on a network through a model adapter (calm_fast.models).
-Next: doge.py (DOGE), adamerging.py.
+doge.py runs DOGE_TA (data-free). Next: adamerging.py.
 """
 from .calm import CalmResult, calm
 from .consensus import consensus_merging
 from .dare import dare_merging
+from .doge import DogeResult, doge_ta
 from .task_arithmetic import task_arithmetic
 from .ties import ties_merging
 
-__all__ = ["task_arithmetic", "ties_merging", "dare_merging", "consensus_merging", "calm", "CalmResult"]
+__all__ = ["task_arithmetic", "ties_merging", "dare_merging", "consensus_merging", "calm", "CalmResult",
+           "doge_ta", "DogeResult"]

@@ -56,6 +56,14 @@
 //   (#elements with m = 1 after the step, #elements whose m changed).
 // calm_binarize_merge: tau_next = m ? tau_new : tau_prev exactly (dtype: promotion of the two) and the
 //   int64 count of elements taking tau_new.
+//
+// DOGE_TA (ALGORITHMS.md §9.1; per-row and per-element math in common/doge_math.h).  float32 or float64,
+// contiguous, one device.
+// doge_row_grad_: for B same-shape layers, tau [B, T, m, n], delta [B, m, n], e [B, T, m], lam_sum [B]:
+//   q_j[a] = <tau_j[a, :], delta[a, :]>, r_j[a] = e_j[a] - Lambda q_j[a], grad[a, :] (written, [B, m, n]) =
+//   -2 Lambda sum_j r_j[a] tau_j[a, :]; returns the loss sum_{j, a} r_j[a]^2 per layer (float64 [B]).
+// doge_adam_: one torch.optim.Adam step in place (no weight decay / amsgrad / maximize); the host passes
+//   neg_step_size = -lr / (1 - beta1^k) and bias_correction2_sqrt = (1 - beta2^k) ** 0.5 as Python computes them.
 #pragma once
 
 #define CALM_FAST_OP_SCHEMAS(X)                                                                      \
@@ -82,4 +90,7 @@
     "bool faithful) -> ()")                                                                          \
   X("calm_mask_step_(Tensor(a!)[] R, Tensor(b!)[] A, float alpha, bool faithful, Tensor(c!)[] theta, " \
     "Tensor[] base, Tensor[] tau_prev, Tensor[] tau_new, str interp_mode) -> Tensor")               \
-  X("calm_binarize_merge(Tensor[] tau_prev, Tensor[] tau_new, Tensor[] R) -> (Tensor[], Tensor)")
+  X("calm_binarize_merge(Tensor[] tau_prev, Tensor[] tau_new, Tensor[] R) -> (Tensor[], Tensor)")       \
+  X("doge_row_grad_(Tensor(a!) grad, Tensor tau, Tensor delta, Tensor e, Tensor lam_sum) -> Tensor")  \
+  X("doge_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, float beta1, " \
+    "float beta2, float neg_step_size, float bias_correction2_sqrt, float eps) -> ()")

@@ -32,5 +32,6 @@ TORCH_LIBRARY_IMPL(calm_fast_emu, CompositeExplicitAutograd, m) {
 #include "cuda/selection.cu"
 #include "cuda/merge.cu"
 #include "cuda/calm.cu"
+#include "cuda/doge.cu"
 
 CALM_FAST_PY_MODULE(_C_emu)
