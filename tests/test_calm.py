@@ -413,7 +413,9 @@ def test_save_roundtrip(tmp_path):
     rec = json.loads((out / "calm_record.json").read_text())
     assert rec["config"]["schedule"] == [["a", "b"], ["c"], ["d"]]
     assert len(rec["steps"][1]["loss"]) == 3
-    with pytest.raises(FileExistsError):
+    from calm_fast.io.errors import OutputError
+
+    with pytest.raises(OutputError, match="already exists"):
         r.save(out)
     r.save(out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["merged"]

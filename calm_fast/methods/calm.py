@@ -57,8 +57,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -219,40 +217,24 @@ class CalmResult:
         """Write ``model.safetensors`` (the merged state dict), ``calm_masks.safetensors`` (packed masks per
         step, credible ids and pseudo-labels per task) and ``calm_record.json`` into ``directory``.
 
-        Written into a temporary folder beside it and renamed into place, so ``directory`` either holds
-        the complete result or is left as it was.  An existing ``directory`` is an error unless
-        ``overwrite``.  Returns the directory's path.
+        The three files are staged in a hidden folder beside ``directory`` and published with one rename
+        (:class:`calm_fast.io.AtomicOutput`: exclusive lock, no symlink followed, an existing folder
+        swapped atomically), so ``directory`` either holds the complete result or is left as it was.
+        An existing ``directory`` is an error unless ``overwrite``.  Returns the directory's path.
         """
-        from safetensors.torch import save_file
+        from ..io.formats import save_state_dict
+        from ..io.publish import AtomicOutput
 
-        target = os.path.abspath(os.fspath(directory))
-        if os.path.exists(target) and not overwrite:
-            raise FileExistsError(f"calm: {target} exists (pass overwrite=True to replace it)")
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
-        try:
-            model = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict.items()}
-            save_file(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "method": "calm"})
+        with AtomicOutput(directory, overwrite=overwrite, single_file=False) as out:
+            model = {k: v.detach() for k, v in self.state_dict.items()}
+            save_state_dict(model, "model.safetensors", metadata={"format": "pt", "method": "calm"}, output=out)
             extra = {f"mask.step{i}.{m['task']}": m["packed"].cpu().contiguous() for i, m in enumerate(self.masks)}
             for t, c in self.credible.items():
                 extra[f"credible.{t}.ids"] = c.ids.contiguous()
                 extra[f"credible.{t}.labels"] = c.labels.contiguous()
-            save_file(extra, os.path.join(tmp, "calm_masks.safetensors"))
-            with open(os.path.join(tmp, "calm_record.json"), "w") as f:
-                json.dump(self.record(), f, indent=1, default=str)
-            if os.path.exists(target):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
-                os.rmdir(old)
-                os.rename(target, old)
-                os.rename(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+            save_state_dict(extra, "calm_masks.safetensors", output=out)
+            out.write_bytes("calm_record.json", json.dumps(self.record(), indent=1, default=str).encode())
+        return str(out.target)
 
 
 # ------------------------------------------------------------------------------------------------
