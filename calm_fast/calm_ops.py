@@ -1,4 +1,4 @@
-"""Helpers of CALM's mask training (ALGORITHMS.md §8) built from the fused ops.
+"""Helpers of CALM's mask training built from the fused ops.
 
 The per-iteration ops themselves are in :mod:`calm_fast.ops` (``calm_interpolate``,
 ``calm_accumulate_``, ``calm_mask_step_``, ``calm_binarize_merge``); this module adds the pieces that

@@ -251,7 +251,7 @@ def pack_mask(mask: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# CALM mask training (ALGORITHMS.md §8).  Lists of L tensors matched element by element with the mask
+# CALM mask training.  Lists of L tensors matched element by element with the mask
 # logits R (float32, any shapes); each other list holds L tensors of R's shapes, one dtype per list
 # (float32, bfloat16 or float16; A float32).  sigma is calm_fast's own fp32 sigmoid (identical bits on
 # CPU and CUDA, within 2 ulp of the exact value); arithmetic is fp32.  Interpolation modes:
@@ -345,7 +345,7 @@ def calm_binarize_merge(tau_prev: Sequence[Tensor], tau_new: Sequence[Tensor], R
 
 
 # ---------------------------------------------------------------------------------------------
-# DOGE_TA (ALGORITHMS.md §9.1): the closed-form gradient of a batch of same-shape layers, and Adam.
+# DOGE_TA: the closed-form gradient of a batch of same-shape layers, and Adam.
 # float32 or float64 tensors, contiguous, one device.  The DOGE method (calm_fast.methods.doge) runs
 # doge_row_grad_ -> low-rank projection (two batched GEMMs) -> doge_adam_ per iteration and shape.
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Pure-PyTorch reference implementations: the executable specification (ALGORITHMS.md).
+"""Pure-PyTorch reference implementations: the executable specification.
 
-Two layers, both written directly from ALGORITHMS.md and independent of the C++/CUDA kernels:
+Two layers, both written directly from the methods' specifications and independent of the C++/CUDA kernels:
 
 * **Op references** (:class:`ReferenceOps`): the same signatures as ``torch.ops.calm_fast.*``.  Tests
   compare every kernel with them; ``CALM_FAST_FALLBACK=reference`` runs the whole library on them.
@@ -126,7 +126,7 @@ def _nonfinite(taus) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# CALM (ALGORITHMS.md §8) per-element formulas, written as the official code evaluates them
+# CALM per-element formulas, written as the official code evaluates them
 # ------------------------------------------------------------------------------------------------
 # The sigmoid of the CALM references.  The kernels use their own fp32 sigmoid (within 2 ulp of this
 # one); tests swap in the native one here to compare the rest of the arithmetic bit for bit.
@@ -369,7 +369,7 @@ class ReferenceOps:
         return outs, torch.tensor(count, dtype=torch.int64)
 
 # ------------------------------------------------------------------------------------------------
-# Method references on state dicts (ALGORITHMS.md §1-§4), the way the public code computes them
+# Method references on state dicts, the way the public code computes them
 # ------------------------------------------------------------------------------------------------
 def _float_keys(sd: Mapping[str, Tensor], keys: Optional[Sequence[str]] = None) -> List[str]:
     ks = sorted(keys if keys is not None else sd.keys())
@@ -468,7 +468,7 @@ def consensus_merging_reference(pretrained, finetuned, tall_lambdas=0.6, min_cou
 
 
 # ------------------------------------------------------------------------------------------------
-# CALM end to end (ALGORITHMS.md §8.2 and §8.9), written the way the official code computes it
+# CALM end to end, written the way the official code computes it
 # ------------------------------------------------------------------------------------------------
 def calm_credible_reference(logits, ratio: float, standard: int = 0):
     """§8.2 literally in NumPy: float64 softmax without max-subtraction, H = -Σ p ln(p + 1e-9), argmax
@@ -555,7 +555,7 @@ def calm_reference(pretrained: Mapping[str, Tensor], finetuned: Sequence[Mapping
     return {"task_vector": acc, "masks": masks, "R": history}
 
 
-# DOGE_TA (ALGORITHMS.md §9.1): plain autograd, the m x m projector, torch.optim.Adam
+# DOGE_TA: plain autograd, the m x m projector, torch.optim.Adam
 # ------------------------------------------------------------------------------------------------
 def doge_fusion_bench_key(key: str) -> bool:
     """FusionBench's DOGE filter (§0.3): keys containing "encoder" and "weight" and not "layer_norm"."""

@@ -9,7 +9,7 @@ of the ``abs_histogram_`` op (radix select on fp32 magnitude keys, see csrc/cpu/
 2. count the low 16 bits of the keys inside that bucket only -> the exact key.
 
 The result is bit-identical to ``torch.kthvalue(torch.cat([x.abs().flatten() for x in xs]).float(), k)``
-(P1 in ALGORITHMS.md), works past 2**31 elements (int64 counts), for fp32/bf16/fp16, for T tasks in one
+(the rank rule P1 of the README), works past 2**31 elements (int64 counts), for fp32/bf16/fp16, for T tasks in one
 call, and needs memory for two small histograms only.  Because histograms add, the same two passes run
 over tensors streamed from disk (:class:`ThresholdFinder`) or sharded across processes (all-reduce).
 """
@@ -310,7 +310,7 @@ def _bracket_select(inputs, base, T, L, n, k, todo, groups, dare_p, dare_keys, d
 
 
 def topk_fraction_to_k(n: int, density: float) -> int:
-    """P1 rank: the threshold is the ``(n - floor(density * n))``-th smallest |x| (ALGORITHMS.md §0.4).
+    """P1 rank: the threshold is the ``(n - floor(density * n))``-th smallest |x|.
 
     ``density`` in (0, 1]; density == 1 gives k = 0 (no trim).  The kept set is every |x| >= threshold:
     at least ``floor(density * n) + 1`` entries, more with ties.

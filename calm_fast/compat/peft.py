@@ -51,7 +51,7 @@ Deviations (on purpose):
   PEFT; pass an int for a fixed mask.  Survivors are multiplied by ``1/density`` in fp32 (PEFT divides;
   at most one rounding apart); in ``dare_linear``/``dare_ties`` on fp16/bf16 tensors with fp32 weights
   they stay fp32 until the (fp32) result, where PEFT first rounds ``x / density`` to the half type.
-* **density = 0 with rescaling** (peft PRs #3486/#3530, USERS.md finding 34): PEFT computes ``0/0`` and
+* **density = 0 with rescaling** (peft PRs #3486/#3530): PEFT computes ``0/0`` and
   returns NaN; here every value is pruned and the result is zeros, as documented by PEFT.
 * Summation order: tasks are summed in order ``t = 0..T-1`` in fp32 for every element; PEFT's
   ``sum(dim=0)`` does the same except in the vectorisation tail of some shapes with ``T >= 5`` (a

@@ -6,7 +6,7 @@ Change one import::
     # from fusion_bench.method.ties_merging.ties_merging_utils import ties_merging, state_dict_to_vector, ...
     from calm_fast.compat.ties_merging import ties_merging, state_dict_to_vector, ...
 
-Same names, signatures and results (ALGORITHMS.md §0.4 P1 and §2).  What is faster:
+Same names, signatures and results (rank rule P1 and TIES).  What is faster:
 
 * ``topk_values_mask``: the per-row k-th smallest ``|x|`` comes from the exact two-pass histogram
   selection (:func:`calm_fast.selection.kth_smallest_abs`) on row views (no copy, no ``kthvalue``);
@@ -176,7 +176,7 @@ def _kth_abs_per_row(M: Tensor, k: int) -> Tensor:
 
 def topk_values_mask(M, K=0.7, return_mask=False):
     """Keep, in every row of ``M``, the entries with ``|x| >= t`` where ``t`` is the ``(d - int(d*K))``-th
-    smallest ``|x|`` of the row (P1 in ALGORITHMS.md; ``K > 1`` is a percentage).
+    smallest ``|x|`` of the row (rule P1; ``K > 1`` is a percentage).
 
     Returns ``(M * mask, mask.float().mean(dim=1))``, plus ``mask`` when ``return_mask``; shapes as
     the reference (including its squeeze rule for 1-D input).

@@ -1,4 +1,4 @@
-"""CALM: consensus-aware localized merging (ALGORITHMS.md §8), end to end on a real network.
+"""CALM: consensus-aware localized merging, end to end on a real network.
 
 ``calm(pretrained, finetuned, adapter, unlabeled_inputs)`` runs the whole method:
 

@@ -1,4 +1,4 @@
-"""TALL masks and Consensus Merging (ALGORITHMS.md §4), one fused pass.
+"""TALL masks and Consensus Merging, one fused pass.
 
 Per task and element: ``m_t = |τ_t| > λ_t · |τ_MTL − τ_t|`` (strict: ties give 0), with the multi-task
 vector ``τ_MTL = Σ_t τ_t`` (unscaled, TALL's default) or the unscaled TIES merged vector

@@ -1,4 +1,4 @@
-"""CALM's class-balanced entropy-minimisation credible sampling (ALGORITHMS.md §8.2).
+"""CALM's class-balanced entropy-minimisation credible sampling.
 
 From the logits a teacher gives every unlabeled sample of a task, keep the samples the teacher is most
 sure about, class by class, and label them with the teacher's prediction:

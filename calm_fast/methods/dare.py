@@ -1,4 +1,4 @@
-"""DARE (ALGORITHMS.md §3): drop each task-vector entry with probability p, rescale survivors by 1/(1−p),
+"""DARE: drop each task-vector entry with probability p, rescale survivors by 1/(1−p),
 then task arithmetic or TIES — fused into those passes (no dropped copy of any task vector is made).
 
 Randomness: a counter-based Philox-4x32-10 keyed by (seed, task index, tensor name) and indexed by the

@@ -1,4 +1,4 @@
-"""DOGE_TA, data-free (ALGORITHMS.md §9.1): task-aware layer coefficients, a learned shared correction δ
+"""DOGE_TA, data-free: task-aware layer coefficients, a learned shared correction δ
 optimised by projected Adam, a top-K trim of the original task vectors, and the merge.
 
 How it is fast (the semantics are the reference's): layers of one shape are stacked and optimised

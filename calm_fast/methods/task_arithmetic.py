@@ -1,4 +1,4 @@
-"""Task arithmetic (ALGORITHMS.md §1): θ = θ0 + λ Σ_t w_t τ_t, one fused pass."""
+"""Task arithmetic: θ = θ0 + λ Σ_t w_t τ_t, one fused pass."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union

@@ -1,4 +1,4 @@
-"""TIES-merging (ALGORITHMS.md §2): trim, elect sign, disjoint merge — exact global semantics by default.
+"""TIES-merging: trim, elect sign, disjoint merge — exact global semantics by default.
 
 Pipeline: two counting passes find every task's exact global trim threshold (selection.py), then one
 fused pass trims, elects, merges, scales and adds θ0.  The global majority sign μ (used only where the
@@ -105,8 +105,8 @@ def ties_merging(pretrained: Optional[StateDict], finetuned: Sequence[StateDict]
     Args:
         density: fraction of entries kept per task, in (0, 1] (TIES "K = 20" is density 0.2).  The trim
             threshold is the ``(n − floor(density·n))``-th smallest ``|τ_t|`` and every ``|τ| >= t`` is
-            kept (ties at the threshold kept, so at least ``floor(density·n) + 1`` entries; P1 in
-            ALGORITHMS.md).  density = 1 keeps everything (the public code errors there).
+            kept (ties at the threshold kept, so at least ``floor(density·n) + 1`` entries: the rank
+            rule P1).  density = 1 keeps everything (the public code errors there).
         merge: disjoint merge 'sum' (FusionBench/AdaMerging default), 'mean' (TIES paper) or 'max'.
         scaling: λ applied to the merged task vector (default 0.3 as FusionBench/AdaMerging).
         mode: 'global' (default; the paper's and FusionBench's semantics: one threshold per task over the
