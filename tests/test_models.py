@@ -126,6 +126,22 @@ def test_generic_num_classes_for_head_kinds():
         GenericAdapter(Net(), [42])
 
 
+def test_per_task_arguments_are_checked():
+    """Heads as a mapping or a list; names must match the mapping, be as many as the heads, be unique."""
+    net = nn.Linear(3, 2)
+    heads = {"a": nn.Linear(2, 2), "b": nn.Linear(2, 3)}
+    assert GenericAdapter(net, heads).task_names == ["a", "b"]
+    assert GenericAdapter(net, list(heads.values())).task_names == ["task0", "task1"]
+    with pytest.raises(ValueError, match="disagree with the keys of `heads`"):
+        GenericAdapter(net, heads, task_names=["b", "a"])
+    with pytest.raises(ValueError, match="3 task names for 2 heads"):
+        GenericAdapter(net, list(heads.values()), task_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="duplicate task names"):
+        GenericAdapter(net, list(heads.values()), task_names=["a", "a"])
+    with pytest.raises(ValueError, match="at least one entry of `heads`"):
+        GenericAdapter(net, {})
+
+
 def test_evaluate_per_task_and_mean(gen):
     torch.manual_seed(3)
     net = Net()

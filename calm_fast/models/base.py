@@ -182,6 +182,34 @@ class LoadedModels:
         return list(self.adapter.task_names)
 
 
+def split_per_task(items, task_names: Optional[Sequence[str]], owner: str, what: str) -> Tuple[Optional[List[str]], list]:
+    """Per-task arguments come as ``{task: item}`` or as a list (in ``task_names`` order, if given).
+
+    Returns ``(task_names, items)``: the mapping's keys (which must equal ``task_names`` when both are
+    given) or ``task_names`` as given (possibly None), and the items as a non-empty list.
+    """
+    if isinstance(items, Mapping):
+        if task_names is not None and list(task_names) != list(items.keys()):
+            raise ValueError(f"{owner}: task_names disagree with the keys of `{what}`")
+        task_names = list(items.keys())
+        items = list(items.values())
+    else:
+        items = list(items)
+    if not items:
+        raise ValueError(f"{owner}: at least one entry of `{what}` is needed (one per task)")
+    return (None if task_names is None else list(task_names)), items
+
+
+def resolve_task_names(task_names: Optional[Sequence[str]], n: int, owner: str, what: str) -> List[str]:
+    """``task_names`` checked against ``n`` per-task items (``task0``, ``task1``, ... when None); unique."""
+    names = list(task_names) if task_names is not None else [f"task{i}" for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{owner}: {len(names)} task names for {n} {what}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{owner}: duplicate task names {names}")
+    return names
+
+
 def check_state_dicts(names: Sequence[str], pretrained: Mapping[str, Tensor],
                       finetuned: Sequence[Mapping[str, Tensor]], task_names: Sequence[str]) -> None:
     """Raise :class:`~calm_fast.io.errors.MismatchError` unless every state dict holds ``names`` with the

@@ -6,7 +6,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .base import Inputs, ModelAdapter
+from .base import Inputs, ModelAdapter, resolve_task_names, split_per_task
 
 Tensor = torch.Tensor
 Head = Callable[[Tensor], Tensor]
@@ -44,19 +44,8 @@ class GenericAdapter(ModelAdapter):
                  forward: Optional[Callable[[Mapping[str, Tensor], Inputs], Tensor]] = None):
         if (module is None) == (forward is None):
             raise ValueError("GenericAdapter: give exactly one of `module` and `forward`")
-        if isinstance(heads, Mapping):
-            names = list(heads.keys())
-            head_list = list(heads.values())
-            if task_names is not None and list(task_names) != names:
-                raise ValueError("GenericAdapter: task_names disagree with the keys of `heads`")
-            task_names = names
-        else:
-            head_list = list(heads)
-        if not head_list:
-            raise ValueError("GenericAdapter: at least one head is needed")
-        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(head_list))]
-        if len(self.task_names) != len(head_list):
-            raise ValueError(f"GenericAdapter: {len(self.task_names)} task names for {len(head_list)} heads")
+        task_names, head_list = split_per_task(heads, task_names, "GenericAdapter", "heads")
+        self.task_names = resolve_task_names(task_names, len(head_list), "GenericAdapter", "heads")
         self.heads: List[Head] = [self._as_callable(h) for h in head_list]
         self._head_objs = head_list
         self._num_classes = [_head_classes(h) for h in head_list]

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..io.errors import CheckpointError, MismatchError
-from .base import Inputs, LoadedModels, ModelAdapter, check_state_dicts
+from .base import Inputs, LoadedModels, ModelAdapter, check_state_dicts, resolve_task_names, split_per_task
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -96,20 +96,8 @@ class HFEncoderAdapter(ModelAdapter):
                  pretrained_encoder: Mapping[str, Tensor], *, task_names: Optional[Sequence[str]] = None,
                  tokenizer: Any = None, dtype: torch.dtype = torch.float32,
                  device: Optional[Union[str, torch.device]] = None):
-        if isinstance(task_models, Mapping):
-            if task_names is not None and list(task_names) != list(task_models.keys()):
-                raise ValueError("HFEncoderAdapter: task_names disagree with the keys of `task_models`")
-            task_names = list(task_models.keys())
-            models = list(task_models.values())
-        else:
-            models = list(task_models)
-        if not models:
-            raise ValueError("HFEncoderAdapter: at least one task model is needed")
-        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(models))]
-        if len(self.task_names) != len(models):
-            raise ValueError(f"HFEncoderAdapter: {len(self.task_names)} task names for {len(models)} task models")
-        if len(set(self.task_names)) != len(self.task_names):
-            raise ValueError(f"HFEncoderAdapter: duplicate task names {self.task_names}")
+        task_names, models = split_per_task(task_models, task_names, "HFEncoderAdapter", "task_models")
+        self.task_names = resolve_task_names(task_names, len(models), "HFEncoderAdapter", "task models")
         self.prefix = _encoder_prefix(models[0])
         self.tokenizer = tokenizer
         dev = torch.device(device) if device is not None else None
@@ -239,13 +227,7 @@ def hf_encoder_from_modules(pretrained: Union[nn.Module, Mapping[str, Tensor]],
     to existing tensors where no conversion or move is needed: ``pretrained`` aliases the adapter's
     own encoder parameters, which the forward never reads since ``params`` replaces them).
     """
-    if isinstance(finetuned, Mapping):
-        task_names = list(finetuned.keys()) if task_names is None else task_names
-        models = list(finetuned.values())
-    else:
-        models = list(finetuned)
-    if not models:
-        raise ValueError("hf_encoder_from_modules: no fine-tuned model given")
+    task_names, models = split_per_task(finetuned, task_names, "hf_encoder_from_modules", "finetuned")
     prefix = _encoder_prefix(models[0])
     base_sd = encoder_state_dict(pretrained, prefix)
     adapter = HFEncoderAdapter(models, base_sd, task_names=task_names, tokenizer=tokenizer, dtype=dtype, device=device)
@@ -340,15 +322,7 @@ def load_hf_encoder(pretrained: PathLike, finetuned: Union[Sequence[PathLike], M
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    if isinstance(finetuned, Mapping):
-        if task_names is not None and list(task_names) != list(finetuned.keys()):
-            raise ValueError("load_hf_encoder: task_names disagree with the keys of `finetuned`")
-        task_names = list(finetuned.keys())
-        dirs = list(finetuned.values())
-    else:
-        dirs = list(finetuned)
-    if not dirs:
-        raise ValueError("load_hf_encoder: no fine-tuned model folder given")
+    task_names, dirs = split_per_task(finetuned, task_names, "load_hf_encoder", "finetuned")
     base_dir = _check_model_folder(pretrained, "pretrained model")
     task_dirs = [_check_model_folder(d, f"fine-tuned model {i}") for i, d in enumerate(dirs)]
     if task_names is None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.errors import CheckpointError, MismatchError
-from .base import Inputs, LoadedModels, ModelAdapter, check_state_dicts
+from .base import Inputs, LoadedModels, ModelAdapter, check_state_dicts, resolve_task_names, split_per_task
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -98,20 +98,8 @@ class OpenCLIPAdapter(ModelAdapter):
         visual = getattr(model, "visual", None)
         if not isinstance(visual, nn.Module):
             raise TypeError(f"OpenCLIPAdapter: {type(model).__name__} has no image tower `visual`")
-        if isinstance(heads, Mapping):
-            if task_names is not None and list(task_names) != list(heads.keys()):
-                raise ValueError("OpenCLIPAdapter: task_names disagree with the keys of `heads`")
-            task_names = list(heads.keys())
-            head_list = list(heads.values())
-        else:
-            head_list = list(heads)
-        if not head_list:
-            raise ValueError("OpenCLIPAdapter: at least one head is needed")
-        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(head_list))]
-        if len(self.task_names) != len(head_list):
-            raise ValueError(f"OpenCLIPAdapter: {len(self.task_names)} task names for {len(head_list)} heads")
-        if len(set(self.task_names)) != len(self.task_names):
-            raise ValueError(f"OpenCLIPAdapter: duplicate task names {self.task_names}")
+        task_names, head_list = split_per_task(heads, task_names, "OpenCLIPAdapter", "heads")
+        self.task_names = resolve_task_names(task_names, len(head_list), "OpenCLIPAdapter", "heads")
         dev = torch.device(device) if device is not None else None
         self.visual = copy.deepcopy(visual).to(dtype=dtype, device=dev).eval().requires_grad_(False)
         self._inner = [k for k, _ in self.visual.named_parameters()]
@@ -283,13 +271,7 @@ def open_clip_from_state_dicts(model: nn.Module, finetuned: Union[Sequence[Any],
 
     Returns ``LoadedModels(adapter, pretrained, finetuned)`` with ``visual.*`` keys, on the CPU.
     """
-    if isinstance(finetuned, Mapping):
-        if task_names is not None and list(task_names) != list(finetuned.keys()):
-            raise ValueError("open_clip_from_state_dicts: task_names disagree with the keys of `finetuned`")
-        task_names = list(finetuned.keys())
-        sources = list(finetuned.values())
-    else:
-        sources = list(finetuned)
+    task_names, sources = split_per_task(finetuned, task_names, "open_clip_from_state_dicts", "finetuned")
     if isinstance(heads, Mapping):
         if task_names is not None and list(heads.keys()) != list(task_names):
             raise ValueError("open_clip_from_state_dicts: the keys of `heads` disagree with the task names")
