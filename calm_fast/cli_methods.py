@@ -25,6 +25,7 @@ from the function's signature), keywords implied by the method name, and hooks. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -91,7 +92,7 @@ class DataMethod:
     def schema(self) -> Type:
         if self.parameters is not None:
             return self.parameters
-        return schema_from_signature(self.resolve(), skip=DATA_KEYWORDS + tuple(self.fixed))
+        return schema_from_signature(self.resolve(), skip=DATA_KEYWORDS)
 
     def defaults(self) -> Dict[str, Any]:
         sig = inspect.signature(self.resolve())
@@ -528,7 +529,7 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
         model = output_state_dict(merged, base_sd, out_dtype)
         meta = _metadata(name, params, {"base": base, "models": {t: cfg.tasks[t].model for t in tasks},
                                         "adapter": cfg.adapter.type}, cfg.metadata)
-        with publisher:
+        with publisher, _output_errors(output):
             paths = write_output(publisher, model, base, single=False, shard_size=shard_size, copy_config=copy_config,
                                  out_dtype=out_dtype, metadata=meta)
             if entry.extra_files is not None:
@@ -775,7 +776,7 @@ def run_doge(args: argparse.Namespace) -> int:
                   "final_loss": {k: float(v[-1]) for k, v in result.losses.items() if v.numel()}}
         meta = _metadata(name, params, {"base": base, "models": models}, cfg.metadata)
         t0 = time.perf_counter()
-        with publisher:
+        with publisher, _output_errors(output):
             paths = write_output(publisher, result.merged, base, single=single, shard_size=shard_size,
                                  copy_config=copy_config, out_dtype=out_dtype, metadata=meta)
             if not single:
@@ -796,6 +797,19 @@ def run_doge(args: argparse.Namespace) -> int:
         print(f"{name}: {t['method']:.2f} s, write {t['write']:.2f} s")
         print("wrote: " + ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else ""))
     return 0
+
+
+@contextlib.contextmanager
+def _output_errors(output):
+    """An OSError while the output is staged (disk full, permissions) is an OutputError (exit 6)."""
+    from .io.errors import CalmFastIOError, OutputError
+
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, CalmFastIOError):
+            raise
+        raise OutputError(f"writing the output {output} failed: {e.strerror or e}") from e
 
 
 def _density_flag(text: str) -> float:

@@ -353,8 +353,6 @@ def _open_clip(spec: AdapterSpec, base: Optional[str], tasks: Mapping[str, TaskE
         else:
             raise ConfigError(f"task {t!r}: an open-clip task needs 'head' (a weight file) or 'classnames' "
                               "(a zero-shot head)")
-        if e.classnames is not None and e.head is not None:  # pragma: no cover - refused by the schema
-            pass
     return open_clip_from_state_dicts(model, {t: e.model for t, e in tasks.items()}, heads,
                                       normalize=True if spec.normalize is None else spec.normalize,
                                       trust_pickle=trust_pickle, dtype=dtype, device=device)
