@@ -58,6 +58,14 @@ directory.  Flags override the file.
     copy_config: true             # true | false
     metadata: {key: value}        # extra safetensors metadata
 
+In-memory methods (calm_fast/cli_methods.py): ``--method calm`` (unlabeled data + a model adapter; its file
+names ``adapter:`` hf-encoder | open-clip | module:function and ``tasks: {name: {model, data, eval,
+teacher_logits, num_classes, head, classnames}}``; ``parameters:`` every keyword of calm_fast.calm; schema in
+calm_fast/data_config.py) and ``--method doge_ta`` (``base_model``, ``models``, ``include``/``exclude``,
+``parameters: {eta, subspace, density, steps, lr, betas, eps, dtype, subspace_solver}``).  Data errors
+(missing data for a task, head class counts, labels, unknown task in the schedule, an empty credible set)
+exit 2; ``--device`` picks where they run.
+
 mergekit keys that calm-fast does not implement (slices, tokenizer_source, chat_template, modules) are
 errors; int8_mask is ignored with a note.
 
