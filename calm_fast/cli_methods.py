@@ -395,6 +395,9 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
     _refuse_flags(args, _DATA_FLAGS, name)
     raw, folder = _load_file(args)
     where = str(args.config) if args.config else "config"
+    if "models" in raw:
+        raise ConfigError(f"{where}: {name} names the fine-tuned models per task, with their data: "
+                          "'tasks: {name: {model: PATH, data: PATH}}' instead of 'models:'")
     cfg = resolve_data_paths(validate(DataMergeConfig, raw, where), folder)
 
     # ---- parameters: the file, then --seed / --set (flags win) ------------------------------------
@@ -442,6 +445,8 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
     if with_teacher and len(with_teacher) != len(needs):
         raise DataError(f"teacher_logits given for {with_teacher} but not for "
                         f"{[t for t in needs if t not in with_teacher]}: give them for every task or none")
+    if with_teacher and not entry.accepts("teacher_logits"):
+        raise ConfigError(f"{name} takes no teacher_logits (given for {with_teacher})")
     if base is not None and not os.path.exists(base):
         raise CheckpointError(f"base_model: {base} does not exist")
     for t, e in cfg.tasks.items():
@@ -475,7 +480,10 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
         names = adapter.param_names()
         N = sum(pretrained[k].numel() for k in names)
         elem = max((pretrained[k].element_size() for k in names), default=4)
-        base_bytes = open_checkpoint(base, trust_pickle=trust_pickle).total_bytes() if base is not None else 0
+        base_bytes = 0
+        if base is not None:
+            with open_checkpoint(base, trust_pickle=trust_pickle) as ck:  # headers only
+                base_bytes = ck.total_bytes()
         mem = {"models": (len(tasks) + 1) * N * elem, "base_for_output": base_bytes,
                "working": int(entry.working_buffers * N * 4), "data": _nbytes(data) + _nbytes(evals) + _nbytes(teacher)}
         mem["total"] = sum(mem.values())

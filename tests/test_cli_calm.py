@@ -130,6 +130,36 @@ def test_calm_cli_adapter_only_entry_point_and_data_entry_point(problem, capsys)
     assert_bits(load_state_dict(root / "out" / "model.safetensors"), res.state_dict)
 
 
+def test_calm_cli_teacher_logits(problem, capsys):
+    """Precomputed teacher logits per task (.safetensors / .pt) replace the fine-tuned teacher, as in the API."""
+    from safetensors.torch import save_file
+
+    root, paths, config = problem
+    g = torch.Generator().manual_seed(5)
+    teacher = {t: torch.randn(40, cm.CLASSES[t], generator=g) * 4 for t in cm.TASKS}
+    save_file({"logits": teacher["a"]}, str(root / "z_a.safetensors"))
+    for t in ("b", "c"):
+        torch.save(teacher[t], root / f"z_{t}.pt")
+    cfg = config(tasks={"a": {"teacher_logits": "z_a.safetensors"}, "b": {"teacher_logits": "z_b.pt"},
+                        "c": {"teacher_logits": "z_c.pt"}})
+    rc, out, err = run(["merge", "-c", cfg, "-q"], capsys)
+    assert rc == 0, err
+    loaded = cm.build(paths["base"], {t: paths[t] for t in cm.TASKS}, cm.TASKS)
+    data = {t: torch.load(root / f"data_{t}.pt") for t in cm.TASKS}
+    evals = {t: tuple(torch.load(root / f"eval_{t}.pt").values()) for t in cm.TASKS}
+    res = calm_fast.calm(loaded.pretrained, dict(zip(cm.TASKS, loaded.finetuned)), loaded.adapter, data,
+                         teacher_logits=teacher, eval_data=evals, progress=False, **PARAMS)
+    assert_bits(load_state_dict(root / "out" / "model.safetensors"), res.state_dict)
+    assert json.loads((root / "out" / "calm_record.json").read_text())["config"]["teacher"] == "teacher_logits"
+    # for some tasks only, or of the wrong size: clear errors, no output
+    for tasks, msg in [({"a": {"teacher_logits": "z_a.safetensors"}}, "teacher_logits given for ['a'] but not"),
+                       ({t: {"teacher_logits": "z_b.pt"} for t in cm.TASKS}, "teacher logits have 4 classes but the head has 3")]:
+        cfg = config(name="bad.yaml", tasks=tasks, output="out2")
+        rc, out, err = run(["merge", "-c", cfg], capsys)
+        assert rc == 2 and msg in err, err
+        assert not (root / "out2").exists()
+
+
 def test_registering_a_data_method_is_one_table_entry(problem, capsys, monkeypatch):
     """A method added as one DataMethod entry (schema derived from the function's signature, a keyword implied
     by its name) runs from the same data config."""
@@ -191,6 +221,9 @@ ERRORS = [
     ("quoted number", dict(params={"eta": "0.5"}), 2, "parameters.eta"),
     ("adapter keys", dict(adapter={"type": "calm_cli_models:build", "templates": ["{}"]}), 2, "do not apply"),
     ("wrong input shape", "shape", 2, "the network cannot run on its data"),
+    ("eval without labels", dict(tasks={"a": {"eval": {"data": "data_a.pt"}}}), 2, "no labels"),
+    ("mergekit models key", dict(models=["ft_a.safetensors"]), 2, "per task"),
+    ("no adapter", dict(adapter=None), 2, "no 'adapter'"),
 ]
 
 
