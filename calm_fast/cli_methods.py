@@ -35,12 +35,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Type
 
 import torch
 
 from .data_config import (CalmParameters, DataMergeConfig, DogeMergeConfig, DogeParameters, EntrySource,
-                          is_entry_point, resolve_data_paths, resolve_doge_paths, schema_from_signature, validate,
+                          resolve_data_paths, resolve_doge_paths, schema_from_signature, validate,
                           validate_parameters)
 from .io.errors import CheckpointError, ConfigError, MismatchError
 
@@ -582,7 +582,8 @@ def _check_data(adapter, pretrained, cfg: DataMergeConfig, data, evals, teacher,
                 raise DataError(f"task {t!r}: the network cannot run on its data: {type(err).__name__}: "
                                 f"{str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}") from None
             if z.dim() != 2:
-                raise DataError(f"task {t!r}: the network returns logits of shape {list(z.shape)}, not [batch, classes]")
+                raise DataError(f"task {t!r}: the network returns logits of shape {list(z.shape)}, "
+                                "not [batch, classes]")
             if C is not None and int(z.shape[1]) != int(C):  # pragma: no cover - adapters agree with themselves
                 raise DataError(f"task {t!r}: the head returns {z.shape[1]} logits but declares {C} classes")
             C = int(z.shape[1])
@@ -757,7 +758,8 @@ def run_doge(args: argparse.Namespace) -> int:
             print(f"other tensors: {len(prep.passthrough)} copied from the base")
             print("settings: " + ", ".join(f"{k}={v}" for k, v in params.items()))
             print(f"memory estimate: {format_bytes(mem['total'])} = models {format_bytes(mem['models'])} + largest "
-                  f"shape group (T+5 copies, {'fp64' if wb == 8 else 'fp32'}) {format_bytes(mem['largest_shape_group'])}"
+                  f"shape group (T+5 copies, {'fp64' if wb == 8 else 'fp32'}) "
+                  f"{format_bytes(mem['largest_shape_group'])}"
                   f" + output {format_bytes(mem['output'])}")
         if args.dry_run:
             info["timings"] = {"total": time.perf_counter() - t_start}

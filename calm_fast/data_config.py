@@ -33,8 +33,8 @@ import re
 import typing
 from typing import Annotated, Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Type, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, StrictStr, ValidationError,
-                      create_model, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt, StrictStr,
+                      ValidationError, create_model, field_validator, model_validator)
 
 from .config import (DType, Number, PathStr, Patterns, Size, _describe, _fold_aliases, _Strict, describe_errors)
 from .io.errors import ConfigError
@@ -239,8 +239,6 @@ def _fraction(open_low: bool):
         return v
     return check
 
-
-from pydantic import AfterValidator  # noqa: E402
 
 OpenFraction = Annotated[Number, AfterValidator(_fraction(True))]
 Fraction = Annotated[Number, AfterValidator(_fraction(False))]

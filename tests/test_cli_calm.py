@@ -64,7 +64,8 @@ def problem(tmp_path):
 
 
 def api_calm(root, **params):
-    loaded = cm.build(str(root / "base.safetensors"), {t: str(root / f"ft_{t}.safetensors") for t in cm.TASKS}, cm.TASKS)
+    models = {t: str(root / f"ft_{t}.safetensors") for t in cm.TASKS}
+    loaded = cm.build(str(root / "base.safetensors"), models, cm.TASKS)
     data = {t: torch.load(root / f"data_{t}.pt") for t in cm.TASKS}
     evals = {}
     for t in cm.TASKS:
@@ -153,7 +154,8 @@ def test_calm_cli_teacher_logits(problem, capsys):
     assert json.loads((root / "out" / "calm_record.json").read_text())["config"]["teacher"] == "teacher_logits"
     # for some tasks only, or of the wrong size: clear errors, no output
     for tasks, msg in [({"a": {"teacher_logits": "z_a.safetensors"}}, "teacher_logits given for ['a'] but not"),
-                       ({t: {"teacher_logits": "z_b.pt"} for t in cm.TASKS}, "teacher logits have 4 classes but the head has 3")]:
+                       ({t: {"teacher_logits": "z_b.pt"} for t in cm.TASKS},
+                        "teacher logits have 4 classes but the head has 3")]:
         cfg = config(name="bad.yaml", tasks=tasks, output="out2")
         rc, out, err = run(["merge", "-c", cfg], capsys)
         assert rc == 2 and msg in err, err
@@ -317,8 +319,8 @@ def test_calm_cli_hf_encoder_text_data(tmp_path, capsys):
             for p in m.bert.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         m.save_pretrained(tmp_path / t)
-        lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(torch.randint(2, 7, (1,), generator=g)),),
-                                                                 generator=g)) for _ in range(30)]
+        lengths = torch.randint(2, 7, (30,), generator=g)
+        lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=g)) for n in lengths]
         (tmp_path / f"{t}.txt").write_text("\n".join(lines) + "\n\n")  # a trailing blank line is skipped
         (tmp_path / f"{t}_test.txt").write_text("\n".join(lines[:10]))
         (tmp_path / f"{t}_labels.txt").write_text("\n".join(str(i % labels) for i in range(10)))
