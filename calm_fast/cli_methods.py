@@ -47,8 +47,7 @@ from .io.errors import CheckpointError, ConfigError, MismatchError
 Tensor = torch.Tensor
 
 #: keywords of a data-based method that never come from the file's ``parameters``
-DATA_KEYWORDS = ("teacher_logits", "eval_data", "batch_sampler", "callback", "progress", "include", "exclude",
-                 "nonfinite")
+DATA_KEYWORDS = ("teacher_logits", "eval_data", "batch_sampler", "callback", "progress")
 
 
 class DataError(ConfigError):
@@ -173,6 +172,10 @@ def _calm_files(result: Any, out: Any) -> List[str]:
 DATA_METHODS: Dict[str, DataMethod] = {
     "calm": DataMethod("calm_fast.methods.calm:calm", CalmParameters, needs_data=_calm_needs_data, check=_calm_check,
                        plan=_calm_plan, extra_files=_calm_files, working_buffers=10.0),
+    # the AdaMerging family (listed only where its module is present: see `available`)
+    "adamerging": DataMethod("calm_fast.methods.adamerging:adamerging", fixed={"mode": "adamerging"}),
+    "adamerging_pp": DataMethod("calm_fast.methods.adamerging:adamerging", fixed={"mode": "adamerging_pp"}),
+    "doge_adamerging": DataMethod("calm_fast.methods.doge_adamerging:doge_adamerging"),
 }
 #: the data-free in-memory methods
 DATA_FREE_METHODS = ("doge_ta",)
@@ -182,9 +185,19 @@ def method_key(name: Optional[str]) -> Optional[str]:
     return None if not isinstance(name, str) else name.lower().replace("-", "_")
 
 
+def available(entry: DataMethod) -> bool:
+    """Whether the module of a registered method is part of this installation."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(entry.function.partition(":")[0]) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def handles(method: Optional[str]) -> bool:
     key = method_key(method)
-    return key in DATA_METHODS or key in DATA_FREE_METHODS
+    return (key in DATA_METHODS and available(DATA_METHODS[key])) or key in DATA_FREE_METHODS
 
 
 # ------------------------------------------------------------------------------------------------

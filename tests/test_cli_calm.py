@@ -183,6 +183,28 @@ def test_calm_parameters_cover_every_keyword_of_calm():
     assert set(CalmParameters.model_fields) == set(derived.model_fields)
 
 
+def test_schema_from_signature_types():
+    from typing import Optional, Sequence, Tuple, Union
+
+    from calm_fast.data_config import validate_parameters
+    from calm_fast.io.errors import ConfigError
+
+    def method(pretrained, finetuned, adapter, unlabeled_inputs, *, steps: Optional[int] = None, lr: float = 1e-3,
+               betas: Optional[Tuple[float, float]] = None, eps: Union[None, float, str] = "preset",
+               include: Union[None, str, Sequence[str]] = None, clamp: bool = True, callback=None):
+        pass
+
+    schema = schema_from_signature(method)
+    assert set(schema.model_fields) == {"steps", "lr", "betas", "eps", "include", "clamp"}
+    ok = validate_parameters(schema, {"steps": 3, "lr": 1, "betas": [0.9, 0.99], "eps": "preset",
+                                      "include": ["a", "b"], "clamp": False}, "p.")
+    assert ok == {"steps": 3, "lr": 1.0, "betas": (0.9, 0.99), "eps": "preset", "include": ["a", "b"], "clamp": False}
+    for bad in ({"steps": 1.5}, {"lr": "0.1"}, {"lr": float("inf")}, {"clamp": "no"}, {"betas": [1]},
+                {"callback": "x"}):
+        with pytest.raises(ConfigError):
+            validate_parameters(schema, bad, "p.")
+
+
 # ------------------------------------------------------------------------------------------------
 # dry run
 # ------------------------------------------------------------------------------------------------
