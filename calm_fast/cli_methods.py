@@ -458,6 +458,10 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
     if with_teacher and len(with_teacher) != len(needs):
         raise DataError(f"teacher_logits given for {with_teacher} but not for "
                         f"{[t for t in needs if t not in with_teacher]}: give them for every task or none")
+    _check_device(device)
+    if base is None and cfg.adapter.type in ("hf-encoder", "open-clip"):
+        raise ConfigError(f"no base model (use --base or 'base_model' in the config): the {cfg.adapter.type} adapter "
+                          "reads the pretrained model from it")
     if with_teacher and not entry.accepts("teacher_logits"):
         raise ConfigError(f"{name} takes no teacher_logits (given for {with_teacher})")
     if base is not None and not os.path.exists(base):
@@ -716,6 +720,7 @@ def run_doge(args: argparse.Namespace) -> int:
     if not output and not args.dry_run:
         raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")
     single = bool(output) and Path(output).suffix == ".safetensors"
+    _check_device(device)
 
     # ---- headers only: the filter, shapes and the memory estimate ---------------------------------
     cks = []
@@ -820,6 +825,20 @@ def run_doge(args: argparse.Namespace) -> int:
         print(f"{name}: {t['method']:.2f} s, write {t['write']:.2f} s")
         print("wrote: " + ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else ""))
     return 0
+
+
+def _check_device(device: Optional[str]) -> None:
+    """A device name torch understands, and a visible GPU for a CUDA device."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device/device: {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA GPU is visible here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 @contextlib.contextmanager

@@ -57,6 +57,7 @@ def problem(tmp_path):
             else:
                 cfg["tasks"][t].update(upd)
         cfg.update(top)
+        cfg = {k: v for k, v in cfg.items() if not (k == "base_model" and v is None)}
         (tmp_path / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
         return tmp_path / name
 
@@ -248,6 +249,8 @@ ERRORS = [
     ("eval without labels", dict(tasks={"a": {"eval": {"data": "data_a.pt"}}}), 2, "no labels"),
     ("mergekit models key", dict(models=["ft_a.safetensors"]), 2, "per task"),
     ("no adapter", dict(adapter=None), 2, "no 'adapter'"),
+    ("no base for hf-encoder", dict(adapter="hf-encoder", base_model=None), 2, "no base model"),
+    ("bad device", dict(device="gpu0"), 2, "not a device name"),
 ]
 
 
@@ -286,6 +289,13 @@ def test_calm_errors_of_flags_and_output(problem, capsys):
     rc, _, err = run(["merge", "-c", cfg], capsys)
     assert rc == 6 and "already exists" in err
     assert sorted(os.listdir(root / "out")) == ["model.safetensors"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_device_without_gpu_is_a_clear_error(problem, capsys):
+    root, paths, config = problem
+    rc, _, err = run(["merge", "-c", config(), "--device", "cuda"], capsys)
+    assert rc == 2 and "no CUDA GPU is visible" in err and not (root / "out").exists()
 
 
 def test_failed_calm_runs_leave_no_output(problem, capsys, monkeypatch):
