@@ -496,3 +496,29 @@ def test_doge_ta_cli_errors(doge_models, capsys):
     torch.save({**fts[1], "encoder.q.weight": base["encoder.q.weight"].clone()}, root / "zero.pt")
     rc, out, err = run(argv[:-6] + ["--model", root / "zero.pt", "--model", paths[0], "-o", root / "out"], capsys)
     assert rc == 2 and "exactly zero" in err and not (root / "out").exists()
+
+
+def test_readme_examples_validate():
+    """The calm / doge_ta YAML examples of the README pass their schemas (and the parameters theirs)."""
+    import re
+    from pathlib import Path
+
+    from calm_fast.config import parse_yaml
+    from calm_fast.data_config import (DataMergeConfig, DogeMergeConfig, DogeParameters, validate,
+                                       validate_parameters)
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    seen = set()
+    for b in re.findall(r"```yaml\n(.*?)```", readme, re.S):
+        data = parse_yaml(b)
+        method = data.get("merge_method")
+        if method == "calm":
+            cfg = validate(DataMergeConfig, data, "README")
+            validate_parameters(CalmParameters, cfg.parameters, "parameters.")
+            assert cfg.adapter.type in ("hf-encoder", "open-clip") and cfg.tasks
+            seen.add(cfg.adapter.type)
+        elif method == "doge_ta":
+            cfg = validate(DogeMergeConfig, data, "README")
+            validate_parameters(DogeParameters, cfg.parameters, "parameters.")
+            seen.add("doge_ta")
+    assert seen == {"hf-encoder", "open-clip", "doge_ta"}
