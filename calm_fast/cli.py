@@ -58,6 +58,14 @@ directory.  Flags override the file.
     copy_config: true             # true | false
     metadata: {key: value}        # extra safetensors metadata
 
+In-memory methods (calm_fast/cli_methods.py): ``--method calm`` (unlabeled data + a model adapter; its file
+names ``adapter:`` hf-encoder | open-clip | module:function and ``tasks: {name: {model, data, eval,
+teacher_logits, num_classes, head, classnames}}``; ``parameters:`` every keyword of calm_fast.calm; schema in
+calm_fast/data_config.py) and ``--method doge_ta`` (``base_model``, ``models``, ``include``/``exclude``,
+``parameters: {eta, subspace, density, steps, lr, betas, eps, dtype, subspace_solver}``).  Data errors
+(missing data for a task, head class counts, labels, unknown task in the schedule, an empty credible set)
+exit 2; ``--device`` picks where they run.
+
 mergekit keys that calm-fast does not implement (slices, tokenizer_source, chat_template, modules) are
 errors; int8_mask is ignored with a note.
 
@@ -264,7 +272,7 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
                    "(e.g. open_clip ImageEncoder checkpoints); never for untrusted files")
     m = p.add_argument_group("method")
     m.add_argument("-m", "--method", help="task_arithmetic|ta, ties, dare|dare_linear, dare_ties, consensus|tall, "
-                   "consensus_ties")
+                   "consensus_ties (streaming); calm (with data, see --config), doge_ta (in memory)")
     m.add_argument("--scaling", "--lambda", type=_finite_float, help="scaling of the merged task vector")
     m.add_argument("--density", help="TIES trim density (fraction kept), or one per model: 0.2,0.3,...")
     m.add_argument("--merge", choices=("sum", "mean", "max"), help="TIES disjoint merge")
@@ -303,6 +311,9 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("-q", "--quiet", action="store_true", help="print only errors and the mismatch report")
     r.add_argument("--json", metavar="FILE", help="write a JSON summary (plan, timings, outputs) to FILE")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
+    from .cli_methods import add_arguments as add_in_memory_method_arguments
+
+    add_in_memory_method_arguments(p)
 
 
 def _print_phase_table(result) -> None:
@@ -317,7 +328,12 @@ def _print_phase_table(result) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from . import cli_methods
     from .streaming import merge_checkpoints
+
+    method = cli_methods.peek_method(args)
+    if cli_methods.handles(method):  # in-memory methods (calm, doge_ta): their own config schema and flow
+        return cli_methods.run(args, method)
 
     kwargs = build_merge_kwargs(args)
     if not kwargs.get("output") and not args.dry_run:
