@@ -69,7 +69,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from .. import ops, selection
@@ -440,7 +439,8 @@ class CoefficientTrainer:
             o, _ = ops._ops().weighted_merge(g.merge_inputs, g.merge_base, g.merge_T, w.contiguous(), 1.0, None,
                                              False, g.masks or [], 0.0, None, True, True)
             outs.extend(o)
-        torch.cat([o.reshape(-1) for o in outs], out=self.fp.data)
+        # one C++ call copies every output into its view of the flat buffer (weighted_merge has no out=)
+        torch._foreach_copy_(self.fp.tensors, outs)
 
     def coefficient_grad(self) -> Tensor:
         """``[T, L_run]`` ∂L/∂λ from the flat gradient buffer (one fused pass per group)."""
