@@ -368,6 +368,44 @@ class ReferenceOps:
             outs.append(torch.where(m, n.to(dt), p.to(dt)))
         return outs, torch.tensor(count, dtype=torch.int64)
 
+def coef_grad_reference(grads, inputs, base, num_tasks: int, thresholds=None, strict: bool = False,
+                        masks=None) -> Tensor:
+    """AdaMerging's coefficient gradient (ALGORITHMS.md §6), float64 ``[T, L]``:
+    ``out[t, l] = <grads[l], keep_{t,l} * tau_{t,l}>``, the dot product taken in float64.
+
+    tau and keep as :meth:`ReferenceOps.weighted_merge` computes them (tau in fp32, ``input - base`` when a
+    base is given; keep from ``|tau| >= thresholds[t, l]`` (``>`` when strict) and bool or bit-packed masks),
+    so the kept set is exactly the merge's; only the sum is exact-ish (fp64) rather than the kernels' order.
+    """
+    T = int(num_tasks)
+    L = len(inputs) // T
+    taus = _taus(list(inputs), list(base) if base else [], T)
+    out = torch.zeros(T, L, dtype=torch.float64)
+    for t in range(T):
+        for l in range(L):
+            x = taus[t][l]
+            if thresholds is not None:
+                thr = float(thresholds[t, l]) if torch.is_tensor(thresholds) else float(thresholds)
+                x = torch.where(x.abs() > thr if strict else x.abs() >= thr, x, torch.zeros_like(x))
+            if masks:
+                m = masks[t * L + l]
+                if m.dtype == torch.uint8:
+                    m = unpack_bits(m, x.numel())
+                x = torch.where(m.reshape(x.shape), x, torch.zeros_like(x))
+            g = grads[l].reshape(x.shape).double()
+            out[t, l] = (g * x.double()).sum()
+    return out
+
+
+def _coef_grad(grads, inputs, base, num_tasks, thresholds, strict, masks):
+    """Reference of the ``coef_grad`` op (float32 result of :func:`coef_grad_reference`)."""
+    dev = inputs[0].device if inputs else torch.device("cpu")
+    return coef_grad_reference(grads, inputs, base, num_tasks, thresholds, strict, masks).float().to(dev)
+
+
+ReferenceOps.coef_grad = staticmethod(_coef_grad)
+
+
 # ------------------------------------------------------------------------------------------------
 # Method references on state dicts (ALGORITHMS.md §1-§4), the way the public code computes them
 # ------------------------------------------------------------------------------------------------
