@@ -5,8 +5,8 @@
 
 Parts:
   iteration  A whole ``calm_fast.adamerging`` run (official preset: 2 batches of 16 per task, layer-wise) on
-             a MiniLM-L6-sized encoder (22.7M merged parameters in 100 tensors, built in code, random
-             weights; benchmarks/bench_calm.py's ``MiniEncoder``), T = 4 tasks, sequence length 32: time per
+             a MiniLM-L6-sized encoder (22.7M merged parameters in 79 tensors, built in code, random
+X, sequence length 32: time per
              step split into network (8 forward + backward) and the rest (merge into the flat buffer +
              coefficient gradient + Adam), from the result's timings.
   step       The non-network part of one step at MiniLM-L6 size (T = 4) and at ViT-B/32 size (N = 87,849,216
@@ -14,7 +14,8 @@ Parts:
              the flat parameter buffer, one fused ``coef_grad``, Adam on λ) vs plain torch in the official
              code's style (per tensor ``θ0 + Σ_t λ_{t,l} τ_{t,l}`` with λ requiring grad, autograd from the
              network's parameter gradients back to λ, Adam); both keep the T task vectors (or fine-tuned
-             weights) resident.
+             weights) resident.  The two are timed interleaved (medians).  The fused step's parts (merge, copy into the buffer, coef_grad) are also
+             timed alone.
 
 Results: benchmarks/results/adamerging_<date>.json and the lines printed.  The machine's load
 (``uptime``) is recorded with the numbers: on a shared machine they are only comparable within a run.
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -66,6 +68,11 @@ def part_iteration(args, threads):
     return row
 
 
+def _nograd_timeit(fn, reps):
+    with torch.no_grad():
+        return timeit(fn, reps)
+
+
 def part_step(args, threads, shapes, T, label):
     n = sum(math.prod(sh) for sh in shapes)
     L = len(shapes)
@@ -92,9 +99,6 @@ def part_step(args, threads, shapes, T, label):
         raw.grad = ops.coef_grad(fp.grads, fts, base, T)
         opt.step()
 
-    t_fused = timeit(fused, reps)
-    gc.collect()
-
     # -- plain torch, the official code's style: τ resident, per-tensor Σ λ τ with autograd --
     taus = [[fts[t * L + l] - base[l] for l in range(L)] for t in range(T)]
     raw2 = torch.full((T, L), 0.3, requires_grad=True)
@@ -111,13 +115,38 @@ def part_step(args, threads, shapes, T, label):
         torch.autograd.backward(merged, grads_src)   # the network's gradients, continued back to λ
         opt2.step()
 
-    t_plain = timeit(plain, reps)
+    # interleaved (fused, plain, fused, plain, ...) so that load changes hit both alike; medians
+    fused()
+    plain()
+    tf, tp = [], []
+    for _ in range(reps):
+        a = time.perf_counter()
+        fused()
+        b = time.perf_counter()
+        plain()
+        c = time.perf_counter()
+        tf.append(b - a)
+        tp.append(c - b)
+    t_fused, t_plain = statistics.median(tf), statistics.median(tp)
     del taus
     gc.collect()
+    # the fused step's parts, timed alone
+    with torch.no_grad():
+        outs, _ = ops._ops().weighted_merge(fts, base, T, raw.detach().contiguous(), 1.0, None, False, [], 0.0, None,
+                                            True, True)
+    parts = {
+        "merge_s": timeit(lambda: ops._ops().weighted_merge(fts, base, T, raw.detach().contiguous(), 1.0, None, False,
+                                                            [], 0.0, None, True, True), reps),
+        "copy_into_buffer_s": _nograd_timeit(lambda: torch._foreach_copy_(fp.tensors, outs), reps),
+        "coef_grad_s": timeit(lambda: ops.coef_grad(fp.grads, fts, base, T), reps),
+    }
+    del outs
+    gc.collect()
     row = {"threads": threads, "label": label, "N": n, "tensors": L, "T": T, "fused_s": t_fused, "torch_s": t_plain,
-           "speedup": t_plain / t_fused}
+           "speedup": t_plain / t_fused, "fused_parts": parts}
     print(f"[{threads} thr] {label} N={n:,} T={T}: plain torch {t_plain:.3f} s, fused {t_fused:.3f} s "
-          f"({row['speedup']:.1f}x)", flush=True)
+          f"({row['speedup']:.1f}x; merge {parts['merge_s']:.3f} s, copy into the buffer "
+          f"{parts['copy_into_buffer_s']:.3f} s, coef_grad {parts['coef_grad_s']:.3f} s)", flush=True)
     return row
 
 
