@@ -6,7 +6,7 @@
 Parts:
   iteration  A whole ``calm_fast.adamerging`` run (official preset: 2 batches of 16 per task, layer-wise) on
              a MiniLM-L6-sized encoder (22.7M merged parameters in 79 tensors, built in code, random
-X, sequence length 32: time per
+             weights; benchmarks/bench_calm.py's ``MiniEncoder``), T = 4 tasks, sequence length 32: time per
              step split into network (8 forward + backward) and the rest (merge into the flat buffer +
              coefficient gradient + Adam), from the result's timings.
   step       The non-network part of one step at MiniLM-L6 size (T = 4) and at ViT-B/32 size (N = 87,849,216
@@ -14,8 +14,8 @@ X, sequence length 32: time per
              the flat parameter buffer, one fused ``coef_grad``, Adam on λ) vs plain torch in the official
              code's style (per tensor ``θ0 + Σ_t λ_{t,l} τ_{t,l}`` with λ requiring grad, autograd from the
              network's parameter gradients back to λ, Adam); both keep the T task vectors (or fine-tuned
-             weights) resident.  The two are timed interleaved (medians).  The fused step's parts (merge, copy into the buffer, coef_grad) are also
-             timed alone.
+             weights) resident.  The two are timed interleaved (medians).  The fused step's parts (merge,
+             copy into the buffer, coef_grad) are also timed alone.
 
 Results: benchmarks/results/adamerging_<date>.json and the lines printed.  The machine's load
 (``uptime``) is recorded with the numbers: on a shared machine they are only comparable within a run.
