@@ -48,8 +48,9 @@ layer-wise mode their λ stays at ``init`` (as in the official logs), in task-wi
 How it is fast (the semantics above are the reference's, ``calm_fast.reference.adamerging_reference``):
 
 * the merged weights are rebuilt every step by one fused ``weighted_merge`` call over all run tensors
-  with the [T, L] coefficient table (τ computed on the fly from θ_t and θ0, never stored), written into
-  the adapter's flat parameter buffer (:class:`calm_fast.models.FlatParams`);
+  with the [T, L] coefficient table (τ computed on the fly from θ_t and θ0, never stored), and copied
+  into the adapter's flat parameter buffer (:class:`calm_fast.models.FlatParams`) by one
+  ``torch._foreach_copy_`` (``weighted_merge`` has no ``out=``);
 * the backward passes of all batches accumulate into one flat gradient buffer;
 * the coefficient gradient ∂L/∂λ_{t,l} = <∂L/∂θ_l, τ_{t,l}> of every (task, tensor) pair is one fused
   ``coef_grad`` pass (no autograd graph through the merge, no Python loop over tensors);
@@ -650,6 +651,9 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
         gm = [masks[t * L + l].to(device) for t in range(T) for l in ls] if masks is not None else None
         groups.append(MergeGroup(cols=range(a, len(run_keys)), merge_inputs=inputs, merge_base=base, merge_T=T,
                                  prepend_base=False, grad_inputs=inputs, grad_base=base, masks=gm))
+    if not run_keys:
+        raise ValueError(f"{method}: the adapter runs none of the merged tensors (include={include!r}, "
+                         f"exclude={exclude!r}), so there is no coefficient to learn")
     constant = {k: pretrained[k].to(device) for k in run_names if k not in key_set}
     trainer = CoefficientTrainer(method=method, adapter=adapter, run_keys=run_keys,
                                  run_cols=[col_of[k] for k in run_keys], num_keys=len(keys), groups=groups,

@@ -220,6 +220,9 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
     # ---- stage 3: layer-wise AdaMerging on τ' ---------------------------------------------------------
     key_set = set(prep.keys)
     run_ls = [l for l, k in enumerate(prep.keys) if k in set(run_names)]
+    if not run_ls:
+        raise ValueError(f"{method}: the adapter runs none of the merged tensors {list(prep.keys)[:3]}..., so there "
+                         "is no coefficient to learn (check `include` / `exclude` against adapter.param_names())")
     groups = []
     if run_ls:
         grad_inputs = [trimmed[t * L + l] for t in range(T) for l in run_ls]
