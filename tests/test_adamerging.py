@@ -12,6 +12,7 @@ against the plain-autograd references of calm_fast.reference, given the same bat
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -428,3 +429,57 @@ def test_save_roundtrip(tmp_path):
     d.save(tmp_path / "doge")
     extra = load_file(str(tmp_path / "doge" / "doge_adamerging_lambdas.safetensors"))
     assert torch.equal(extra["doge.delta.encoder.l0.q.weight"], d.delta["encoder.l0.q.weight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the Hugging Face adapter (tiny BERT built in code; inputs are mappings of tensors)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+def test_hf_encoder_adamerging_and_doge():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from calm_fast.models import hf_encoder_from_modules
+
+    cfg = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+               max_position_embeddings=24, initializer_range=0.3, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(3)
+    base = BertForSequenceClassification(BertConfig(**cfg, num_labels=3)).eval()
+    tasks = {}
+    for name, labels in (("sst2", 3), ("mnli", 5)):
+        m = BertForSequenceClassification(BertConfig(**cfg, num_labels=labels)).eval()
+        m.bert.load_state_dict(base.bert.state_dict())
+        with torch.no_grad():
+            for p in m.bert.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        tasks[name] = m
+    adapter, pre, fts = hf_encoder_from_modules(base, tasks)
+    data = {t: {"input_ids": torch.randint(5, 40, (24, 10), generator=g),
+                "attention_mask": torch.ones(24, 10, dtype=torch.int64)} for t in tasks}
+    sampler = ShuffledBatchSampler(seed=0, batch_size=8, batches_per_task=2)
+    res = calm_fast.adamerging(pre, fts, adapter, data, steps=8, batch_sampler=sampler, progress=False)
+
+    def logits_fn(params, t, ids):
+        x = {k: v[ids] for k, v in data[adapter.task_names[t]].items()}
+        return adapter.logits({k: params[k] for k in adapter.param_names()}, t, x)
+
+    ref = reference.adamerging_reference(pre, fts, logits_fn,
+                                         lambda s, t: sampler(s, adapter.task_names[t], 24), steps=8)
+    assert res.keys == adapter.param_names()
+    # an attention key bias shifts every score of a row alike (softmax is shift-invariant): its exact gradient
+    # is 0, so its λ follows rounding noise on both sides, each Adam step bounded by lr
+    noise = [i for i, k in enumerate(res.keys) if k.endswith("attention.self.key.bias")]
+    signal = [i for i in range(len(res.keys)) if i not in noise]
+    assert len(noise) == 2
+    assert float((res.lambdas[:, signal] - ref["lambdas"][:, signal]).abs().max()) <= LAMBDA_ATOL
+    assert float((res.lambdas[:, noise] - 0.3).abs().max()) <= 8 * 1e-3 * 1.01
+    assert float((res.lambdas - 0.3).abs().max()) > 5e-3
+    # DOGE's default filter ("encoder", "weight", not "layer_norm") also picks BERT's 1-D "LayerNorm.weight"
+    # (FusionBench's filter is for CLIP's "layer_norm1" names): a clear error, and exclude= fixes it
+    with pytest.raises(ValueError, match=r"LayerNorm.weight' has shape \(16,\); DOGE merges 2-D"):
+        calm_fast.doge_adamerging(pre, fts, adapter, data, steps=1, doge_steps=1, progress=False)
+    d = calm_fast.doge_adamerging(pre, fts, adapter, data, exclude="LayerNorm", steps=3, doge_steps=20,
+                                  progress=False)
+    assert len(d.keys) == 2 * 6 and all(v.dim() == 2 for k, v in pre.items() if k in d.keys)
+    assert d.state_dict["embeddings.word_embeddings.weight"] is pre["embeddings.word_embeddings.weight"]
