@@ -55,7 +55,9 @@ How it is fast (the semantics above are the reference's, ``calm_fast.reference.a
 * the coefficient gradient ∂L/∂λ_{t,l} = <∂L/∂θ_l, τ_{t,l}> of every (task, tensor) pair is one fused
   ``coef_grad`` pass (no autograd graph through the merge, no Python loop over tensors);
 * Adam on the small λ tensor.  On a GPU nothing is read back to the host during a step (losses stay on
-  the device; the progress bar's postfix reads one number at most once per second).
+  the device; the progress bar's postfix reads one number at most once per second).  Keep the unlabeled
+  inputs on the adapter's device: batches are then gathered there without a host sync (inputs on the CPU
+  are copied over batch by batch, a synchronous copy).
 
 Rounding: the merge computes ``θ0 + Σ_t λ_t τ_t`` (the sum over tasks first) where the official code adds
 ``θ0 + λ_1 τ_1 + λ_2 τ_2 + ...`` left to right; the gradient is a dot product in a different order than
@@ -154,6 +156,16 @@ class CyclingBatchSampler:
     def __repr__(self) -> str:
         return f"CyclingBatchSampler(seed={self.seed}, batch_size={self.batch_size}, " \
                f"batches_per_task={self.batches_per_task})"
+
+
+def gather_batch(inputs: Inputs, ids: Tensor, device: torch.device) -> Inputs:
+    """Rows ``ids`` (CPU int64) of a task's inputs, on ``device``.  Inputs that already live on ``device`` are
+    gathered there with the ids sent asynchronously (no host sync); inputs elsewhere are gathered where they
+    are and copied over (a synchronous copy on a GPU: keep the data on the adapter's device to avoid it)."""
+    first = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))
+    if first.device == torch.device(device) and first.device.type != "cpu":
+        ids = ids.to(device, non_blocking=True)
+    return select_batch(inputs, ids, device)
 
 
 def _check_batches(batches: Sequence[Tensor], n: int, task: str, step: int, method: str) -> List[Tensor]:
@@ -478,7 +490,7 @@ class CoefficientTrainer:
                 batches = _check_batches(self.sampler(step, t, sizes[t]), sizes[t], t, step, self.method)
                 acc = torch.zeros((), dtype=torch.float32, device=dev)
                 for ids in batches:
-                    x = select_batch(self.data[t], ids, dev)
+                    x = gather_batch(self.data[t], ids, dev)
                     loss = entropy_loss(self.adapter.logits(self.params, t, x), eps)
                     loss.backward()
                     acc += loss.detach()
