@@ -7,7 +7,8 @@ Quick start::
 
 Methods: :func:`task_arithmetic`, :func:`ties_merging`, :func:`dare_merging`, :func:`consensus_merging`,
 :func:`doge_ta` (semantics in their docstrings and in the README); :func:`calm` runs CALM on a network
-through a model adapter (:mod:`calm_fast.models`).  ``calm_fast.ops`` holds the list-based fused ops
+through a model adapter (:mod:`calm_fast.models`), :func:`adamerging` learns AdaMerging's coefficients
+(AdaMerging++ with ``mode="adamerging_pp"``) and :func:`doge_adamerging` runs DOGE + AdaMerging the same way.  ``calm_fast.ops`` holds the list-based fused ops
 (CALM's mask-training ops among them; ``calm_fast.calm_ops`` their helpers), ``calm_fast.reference`` the
 pure-PyTorch specification, ``calm_fast.backend()`` says what runs here (``native-cuda`` only where a GPU is visible),
 ``calm_fast.cuda_kernels_built()`` whether CUDA kernels were compiled, ``calm_fast.cuda_available()``
@@ -22,14 +23,15 @@ from .ops import _register_fakes  # noqa: E402
 
 _register_fakes()
 
-from .methods import (CalmResult, DogeResult, calm, consensus_merging, dare_merging, doge_ta,  # noqa: E402
-                      task_arithmetic, ties_merging)
+from .methods import (AdaMergingResult, CalmResult, DogeAdaMergingResult, DogeResult, adamerging,  # noqa: E402
+                      calm, consensus_merging, dare_merging, doge_adamerging, doge_ta, task_arithmetic, ties_merging)
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "backend_info", "build_info", "cuda_available", "cuda_kernels_built",
            "task_arithmetic", "ties_merging", "dare_merging", "consensus_merging",
-           "calm", "CalmResult", "doge_ta", "DogeResult",
+           "calm", "CalmResult", "doge_ta", "DogeResult", "adamerging", "AdaMergingResult",
+           "doge_adamerging", "DogeAdaMergingResult",
            "ops", "selection", "reference", "calm_ops", "__version__"]
 
 

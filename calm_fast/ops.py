@@ -172,6 +172,47 @@ def weighted_merge(
     return list(out), int(nonfinite)
 
 
+def coef_grad(
+    grads: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    base: Optional[Sequence[Tensor]],
+    num_tasks: int,
+    thresholds: Optional[TableLike] = None,
+    strict: bool = False,
+    masks: Optional[Sequence[Tensor]] = None,
+) -> Tensor:
+    """``out[t, l] = <grads[l], keep_{t,l} * tau_{t,l}>`` for every task t and tensor l, float32 ``[T, L]``.
+
+    The coefficient gradient of AdaMerging (``merged_l = base_l + sum_t lambda[t, l] * keep * tau_{t,l}``,
+    so ``dLoss/dlambda[t, l]`` is this dot product with ``grads[l] = dLoss/dmerged_l``), AdaMerging++ (trimmed
+    tau) and DOGE + AdaMerging (masked tau), for all (t, l) in one pass that reads every gradient and input
+    element once.
+
+    ``inputs`` / ``base`` / ``num_tasks`` / ``thresholds`` / ``strict`` / ``masks`` mean exactly what they mean
+    in :func:`weighted_merge` (same list order, ``tau = input - base`` in fp32 when a base is given, ``keep``
+    from the magnitude trim ``|tau| >= thresholds[t, l]`` (``>`` when strict) and the bool or bit-packed
+    masks; no DARE).  ``grads`` holds ``L`` tensors of float32 or the inputs' dtype (one dtype for the list),
+    ``grads[l]`` with the number of elements of tensor ``l`` (any shape: views into one flat gradient buffer
+    are read in place; non-contiguous ones are copied).
+
+    Accumulation: fp32 products, fp32 partial sums of at most 32 products each, everything above that in
+    fp64, in a fixed order, so the result is identical (bit for bit) for any thread count and on CPU and
+    CUDA, and within ``34 * 2**-24 * sum|g * keep * tau| + 2**-24 * |exact|`` of the exact dot product.
+    inf / NaN propagate (an element dropped by the trim or mask still contributes ``g * 0``, as in torch).
+    """
+    T = num_tasks
+    if T < 1:
+        raise ValueError(f"coef_grad: num_tasks must be >= 1, got {T}")
+    if not len(inputs):
+        if len(grads):
+            raise ValueError(f"coef_grad: inputs is empty but grads holds {len(grads)} tensors")
+        return torch.zeros(T, 0, dtype=torch.float32)
+    L = len(inputs) // T
+    dev = _device(inputs)
+    thr = None if thresholds is None else as_table(thresholds, T, L, torch.float32, dev, "thresholds")
+    return _ops().coef_grad(_dense(grads), list(inputs), _base_list(base), T, thr, bool(strict), list(masks or []))
+
+
 def ties_merge(
     inputs: Sequence[Tensor],
     base: Optional[Sequence[Tensor]],
@@ -419,6 +460,13 @@ def _register_fakes() -> None:
     def _(inputs, base, num_tasks, weights, scale, thresholds, strict, masks, dare_p, dare_keys, dare_rescale,
           out_float):
         return _outs(inputs, num_tasks, out_float), _scalar(inputs)
+
+    if hasattr(torch.ops.calm_fast, "coef_grad"):  # absent from a _C built before the op existed
+        @torch.library.register_fake("calm_fast::coef_grad")
+        def _(grads, inputs, base, num_tasks, thresholds, strict, masks):
+            L = len(inputs) // num_tasks
+            dev = inputs[0].device if inputs else torch.device("cpu")
+            return torch.empty(num_tasks, L, dtype=torch.float32, device=dev)
 
     @torch.library.register_fake("calm_fast::ties_merge")
     def _(inputs, base, num_tasks, thresholds, strict, weights, merge, scale, zero_sign, dare_p, dare_keys,

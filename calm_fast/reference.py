@@ -368,6 +368,44 @@ class ReferenceOps:
             outs.append(torch.where(m, n.to(dt), p.to(dt)))
         return outs, torch.tensor(count, dtype=torch.int64)
 
+def coef_grad_reference(grads, inputs, base, num_tasks: int, thresholds=None, strict: bool = False,
+                        masks=None) -> Tensor:
+    """AdaMerging's coefficient gradient (ALGORITHMS.md §6), float64 ``[T, L]``:
+    ``out[t, l] = <grads[l], keep_{t,l} * tau_{t,l}>``, the dot product taken in float64.
+
+    tau and keep as :meth:`ReferenceOps.weighted_merge` computes them (tau in fp32, ``input - base`` when a
+    base is given; keep from ``|tau| >= thresholds[t, l]`` (``>`` when strict) and bool or bit-packed masks),
+    so the kept set is exactly the merge's; only the sum is exact-ish (fp64) rather than the kernels' order.
+    """
+    T = int(num_tasks)
+    L = len(inputs) // T
+    taus = _taus(list(inputs), list(base) if base else [], T)
+    out = torch.zeros(T, L, dtype=torch.float64)
+    for t in range(T):
+        for l in range(L):
+            x = taus[t][l]
+            if thresholds is not None:
+                thr = float(thresholds[t, l]) if torch.is_tensor(thresholds) else float(thresholds)
+                x = torch.where(x.abs() > thr if strict else x.abs() >= thr, x, torch.zeros_like(x))
+            if masks:
+                m = masks[t * L + l]
+                if m.dtype == torch.uint8:
+                    m = unpack_bits(m, x.numel())
+                x = torch.where(m.reshape(x.shape), x, torch.zeros_like(x))
+            g = grads[l].reshape(x.shape).double()
+            out[t, l] = (g * x.double()).sum()
+    return out
+
+
+def _coef_grad(grads, inputs, base, num_tasks, thresholds, strict, masks):
+    """Reference of the ``coef_grad`` op (float32 result of :func:`coef_grad_reference`)."""
+    dev = inputs[0].device if inputs else torch.device("cpu")
+    return coef_grad_reference(grads, inputs, base, num_tasks, thresholds, strict, masks).float().to(dev)
+
+
+ReferenceOps.coef_grad = staticmethod(_coef_grad)
+
+
 # ------------------------------------------------------------------------------------------------
 # Method references on state dicts, the way the public code computes them
 # ------------------------------------------------------------------------------------------------
@@ -633,6 +671,150 @@ def doge_ta_reference(pretrained, finetuned, eta: float = 0.07, subspace: int = 
         off += n
     return dict(merged=merged, delta=deltas, lambdas={k: torch.stack(lambdas[k]) for k in keys}, losses=losses)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# AdaMerging (ALGORITHMS.md §6) and DOGE + AdaMerging (§9.2): plain autograd through the merge,
+# λ as a leaf tensor, torch.optim.Adam -- the way the official code and FusionBench compute them
+# ------------------------------------------------------------------------------------------------
+def entropy_reference(logits: Tensor, eps: Optional[float] = None) -> Tensor:
+    """Batch-mean softmax entropy: −Σ softmax·log_softmax (official), or −Σ p·log(p + eps) (FusionBench)."""
+    if eps is None:
+        return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean(0)
+    p = torch.softmax(logits, dim=-1)
+    return -torch.sum(p * torch.log(p + eps), dim=-1).mean()
+
+
+def ties_selected_entries_reference(pretrained, finetuned, density: float = 0.2, keys=None) -> List[Dict[str, Tensor]]:
+    """The official ``ties_merging_split`` (AdaMerging++): per task the top-``density`` entries of the globally
+    flattened task vector (P1), then only the entries agreeing with the elected sign (zero elections take
+    the global majority sign); no aggregation.  Returns one ``{key: selected τ}`` per task."""
+    keys = _float_keys(pretrained, keys)
+    ptm = _flatten(pretrained, keys)
+    V = torch.stack([_flatten(ft, keys) - ptm for ft in finetuned])
+    if density < 1.0:
+        V = V * topk_values_mask_reference(V, density)
+    gamma = torch.sign(V.sum(dim=0))
+    gamma = torch.where(gamma == 0, torch.sign(gamma.sum()), gamma)
+    E = V * torch.where(gamma.unsqueeze(0) > 0, V > 0, V < 0)
+    return [_unflatten(E[t], pretrained, keys) for t in range(len(finetuned))]
+
+
+def _adamerging_loop(base: Mapping[str, Tensor], taus: Sequence[Mapping[str, Tensor]], keys: Sequence[str],
+                     logits_fn, batches, *, steps: int, lr: float, betas, init: float, clamp: bool, task_wise: bool,
+                     entropy_eps: Optional[float]):
+    """λ (``[T, L]`` or ``[T]``) trained by torch.optim.Adam on Σ_t Σ_batches entropy through
+    θ_l = θ0_l + λ_{1,l} τ_{1,l} + λ_{2,l} τ_{2,l} + ... (left to right, autograd through the merge)."""
+    T = len(taus)
+    raw = torch.full((T,) if task_wise else (T, len(keys)), float(init), dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([raw], lr=lr, betas=betas, weight_decay=0.0)
+
+    def coefficients():
+        lam = torch.clamp(raw, min=0.0, max=1.0) if clamp else raw
+        return lam[:, None].expand(T, len(keys)) if task_wise else lam
+
+    def merged(lam):
+        out = dict(base)
+        for l, k in enumerate(keys):
+            acc = base[k].float()
+            for t in range(T):
+                acc = acc + taus[t][k] * lam[t, l]
+            out[k] = acc
+        return out
+
+    losses = []
+    for step in range(steps):
+        params = merged(coefficients())
+        loss = 0.0
+        for t in range(T):
+            for ids in batches(step, t):
+                loss = loss + entropy_reference(logits_fn(params, t, ids).float(), entropy_eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        lam = coefficients().detach().clone()
+        return dict(lambdas=lam, raw=raw.detach().clone(), losses=losses,
+                    merged={k: v.detach() for k, v in merged(lam).items()})
+
+
+def adamerging_reference(pretrained, finetuned, logits_fn, batches, *, steps: int = 500, lr: float = 1e-3,
+                         betas=(0.9, 0.999), init: float = 0.3, clamp: bool = True, task_wise: bool = False,
+                         entropy_eps: Optional[float] = None, ties_density: Optional[float] = None, keys=None):
+    """AdaMerging (§6; AdaMerging++ with ``ties_density``) with autograd through the merge.
+
+    ``logits_fn(params, task, ids)``: logits of task ``task`` (index) on its samples ``ids`` with the merged state
+    dict ``params`` (``torch.func.functional_call``); ``batches(step, task)``: the id batches of a task at a
+    step.  Merged keys: the floating keys of ``pretrained`` in its order (or ``keys``); τ = θ_t − θ0 in fp32.
+    Returns dict(lambdas=[T, L] effective, raw, losses=[per step], merged={key: θ0 + Σ λ τ} + θ0 elsewhere)."""
+    if keys is None:
+        keys = [k for k in pretrained if pretrained[k].is_floating_point()]
+    keys = list(keys)
+    if ties_density is not None:
+        taus = ties_selected_entries_reference(pretrained, finetuned, ties_density, keys)
+    else:
+        taus = [{k: ft[k].float() - pretrained[k].float() for k in keys} for ft in finetuned]
+    return _adamerging_loop(pretrained, taus, keys, logits_fn, batches, steps=steps, lr=lr, betas=betas, init=init,
+                            clamp=clamp, task_wise=task_wise, entropy_eps=entropy_eps)
+
+
+def doge_task_deltas_reference(taus: Sequence[Tensor], lambdas: Sequence, U_r: Tensor, steps: int = 400,
+                               lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8):
+    """§9.2's per-task corrections of one layer: T deltas, loss with M = Σ λ_t τ_t + Σ λ_t δ_t, autograd,
+    each gradient projected with the m x m projector P = U_r U_r^T, one torch.optim.Adam over the T deltas.
+    Returns (stacked deltas [T, m, n], list of the loss before each step)."""
+    P = U_r @ U_r.T
+    deltas = [torch.zeros_like(taus[0], requires_grad=True) for _ in taus]
+    opt = torch.optim.Adam(deltas, lr=lr, betas=betas, eps=eps)
+    S = sum(lam * tau for lam, tau in zip(lambdas, taus))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        M = S + sum(lam * d for lam, d in zip(lambdas, deltas))
+        loss = sum((((tau * (tau - M)).sum(dim=1)) ** 2).sum() for tau in taus)
+        loss.backward()
+        with torch.no_grad():
+            for d in deltas:
+                d.grad -= P @ d.grad
+        opt.step()
+        losses.append(float(loss.detach()))
+    return torch.stack([d.detach() for d in deltas]), losses
+
+
+def doge_adamerging_reference(pretrained, finetuned, logits_fn, batches, *, eta: float = 0.07, doge_steps: int = 400,
+                              doge_lr: float = 1e-4, density: float = 0.3, steps: int = 1000, lr: float = 1e-3,
+                              init: float = 0.3, clamp: bool = False, entropy_eps: Optional[float] = 1e-8,
+                              keys: Optional[Sequence[str]] = None):
+    """DOGE + layer-wise AdaMerging (§9.2, FusionBench's code): λ = eta / ||τ||, subspace of rank floor(K / T),
+    per-task deltas (:func:`doge_task_deltas_reference`), τ' = (τ + δ) ⊙ top-``density`` mask of the original
+    flattened τ (P1, sorted keys), then AdaMerging over the merged keys (sorted) with the merge
+    θ0 + w_1 τ'_1 + w_2 τ'_2 + ...; every other key θ0.  Returns dict(delta={key: [T, m, n]},
+    doge_lambdas, doge_losses, lambdas=[T, L], losses, merged)."""
+    if keys is None:
+        keys = [k for k in pretrained if pretrained[k].is_floating_point() and doge_fusion_bench_key(k)]
+    keys = sorted(keys)
+    T = len(finetuned)
+    taus = {k: [ft[k].float() - pretrained[k].float() for ft in finetuned] for k in keys}
+    lambdas = {k: [eta / torch.norm(t) for t in taus[k]] for k in keys}
+    deltas, doge_losses = {}, {}
+    for k in keys:
+        U_r = doge_subspace_reference(taus[k], subspace=T)
+        deltas[k], doge_losses[k] = doge_task_deltas_reference(taus[k], lambdas[k], U_r, doge_steps, doge_lr)
+    flat = torch.stack([torch.cat([taus[k][t].reshape(-1) for k in keys]) for t in range(T)])
+    mask = topk_values_mask_reference(flat, density)
+    trimmed = [{} for _ in range(T)]
+    off = 0
+    for k in keys:
+        n = pretrained[k].numel()
+        for t in range(T):
+            trimmed[t][k] = (taus[k][t] + deltas[k][t]) * mask[t, off:off + n].reshape(pretrained[k].shape)
+        off += n
+    out = _adamerging_loop(pretrained, trimmed, keys, logits_fn, batches, steps=steps, lr=lr, betas=(0.9, 0.999),
+                           init=init, clamp=clamp, task_wise=False, entropy_eps=entropy_eps)
+    out.update(delta=deltas, doge_lambdas={k: torch.stack(v) for k, v in lambdas.items()}, doge_losses=doge_losses,
+               trimmed=trimmed)
+    return out
 
 def _doge_row_grad_(grad, tau, delta, e, lam_sum):
     """Reference of ``doge_row_grad_`` (same result up to the order of the sums)."""

@@ -64,6 +64,12 @@
 //   -2 Lambda sum_j r_j[a] tau_j[a, :]; returns the loss sum_{j, a} r_j[a]^2 per layer (float64 [B]).
 // doge_adam_: one torch.optim.Adam step in place (no weight decay / amsgrad / maximize); the host passes
 //   neg_step_size = -lr / (1 - beta1^k) and bias_correction2_sqrt = (1 - beta2^k) ** 0.5 as Python computes them.
+//
+// coef_grad (AdaMerging, ALGORITHMS.md §6): out float32 [T, L], out[t, l] = <grads[l], keep * tau_{t,l}> with
+//   inputs / base / num_tasks / thresholds / strict / masks exactly as weighted_merge (no DARE); grads: L
+//   contiguous tensors of float32 or the inputs' dtype (one dtype for the list), grads[l] with the numel of
+//   tensor l.  Summation order fixed (common/coef_grad.h), so the result is the same bits on every thread
+//   count and on CPU and CUDA.
 #pragma once
 
 #define CALM_FAST_OP_SCHEMAS(X)                                                                      \
@@ -93,4 +99,6 @@
   X("calm_binarize_merge(Tensor[] tau_prev, Tensor[] tau_new, Tensor[] R) -> (Tensor[], Tensor)")       \
   X("doge_row_grad_(Tensor(a!) grad, Tensor tau, Tensor delta, Tensor e, Tensor lam_sum) -> Tensor")  \
   X("doge_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, float beta1, " \
-    "float beta2, float neg_step_size, float bias_correction2_sqrt, float eps) -> ()")
+    "float beta2, float neg_step_size, float bias_correction2_sqrt, float eps) -> ()")             \
+  X("coef_grad(Tensor[] grads, Tensor[] inputs, Tensor[] base, int num_tasks, Tensor? thresholds, bool strict, " \
+    "Tensor[] masks) -> Tensor")

@@ -33,5 +33,6 @@ TORCH_LIBRARY_IMPL(calm_fast_emu, CompositeExplicitAutograd, m) {
 #include "cuda/merge.cu"
 #include "cuda/calm.cu"
 #include "cuda/doge.cu"
+#include "cuda/coef_grad.cu"
 
 CALM_FAST_PY_MODULE(_C_emu)

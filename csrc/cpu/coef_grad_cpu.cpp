@@ -1,0 +1,115 @@
+// CPU kernel of coef_grad (AdaMerging's coefficient gradient, ALGORITHMS.md §6; schema in common/schemas.h):
+// out[t, l] = <grads[l], keep * tau_{t,l}> for every task t and tensor l in one pass over the list.
+//
+// Work is split into the merge kernels' units (up to 64K elements of one tensor); a unit is walked in
+// 1024-element blocks, the blocks of common/coef_grad.h.  Per block the gradient is converted to fp32 once
+// (one read), then each task's tau tile (one read of each input element, base converted with it) is
+// trimmed / masked and dotted with it in the 32-lane order of common/coef_grad.h; the block's fp64 sum goes
+// to its own slot of a [T, blocks] buffer, so no thread ever adds into a shared value.  A final serial
+// step combines each (t, l)'s block sums in the fixed lane order: the result does not depend on the
+// thread count (and equals the CUDA kernel's bit for bit).
+//
+// The 32 fp32 lane accumulators are a straight loop over k that -O3 vectorises into four 8-lane adds (no
+// FMA: -ffp-contract=off), so no hand-written AVX2 core is needed here; the fp32 conversions of bf16 /
+// fp16 tiles use the AVX2 converters of cpu_common.h (same bits as the scalar ones).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/coef_grad.h"
+#include "cpu/cpu_common.h"
+
+namespace calm_fast {
+namespace cpu {
+namespace {
+
+template <typename scalar_t, typename grad_t>
+void coef_grad_impl(const CoefGradArgs& a, at::TensorList grads, at::TensorList inputs, at::TensorList base,
+                    bool strict, at::TensorList masks, double* partial) {
+  const TaskList& tl = a.tl;
+  const int64_t NB = a.start[tl.L];
+  const auto in_ptr = data_ptrs<scalar_t>(inputs);
+  const auto bs_ptr = data_ptrs<scalar_t>(base);
+  const auto g_ptr = data_ptrs<grad_t>(grads);
+  const float* thresholds = a.thresholds.defined() ? a.thresholds.data_ptr<float>() : nullptr;
+  const std::vector<Unit> units = make_units(tl);  // units start at multiples of kUnit, a multiple of kCoefBlock
+  const bool simd = simd_enabled();
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t u0, int64_t u1) {
+    alignas(64) float g[kCoefBlock], v[kCoefBlock], acc[kCoefLanes];
+    double s[kCoefLanes];
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& w = units[u];
+      const scalar_t* bs = tl.has_base ? bs_ptr[w.l] : nullptr;
+      for (int64_t i0 = w.begin; i0 < w.end; i0 += kCoefBlock) {
+        const int64_t n = std::min(kCoefBlock, w.end - i0);
+        const int64_t n32 = (n + kCoefLanes - 1) / kCoefLanes * kCoefLanes;
+        const int64_t blk = a.start[w.l] + i0 / kCoefBlock;
+        convert_tile(g_ptr[w.l], static_cast<const grad_t*>(nullptr), i0, n, g, simd);
+        // Padding to whole 32-element rows: products +0, and adding +0 to a lane sum changes nothing
+        // (a sum that starts at +0 is never -0), i.e. the same as skipping the missing elements.
+        for (int64_t j = n; j < n32; ++j) g[j] = 0.f;
+        for (int64_t t = 0; t < tl.T; ++t) {
+          const int64_t ti = t * tl.L + w.l;
+          convert_tile(in_ptr[ti], bs, i0, n, v, simd);
+          for (int64_t j = n; j < n32; ++j) v[j] = 0.f;
+          if (thresholds != nullptr) {
+            const float thr = thresholds[ti];
+            for (int64_t j = 0; j < n; ++j) v[j] = trim_keep(v[j], thr, strict) ? v[j] : 0.f;
+          }
+          if (a.mask_kind == 1) {
+            const bool* m = masks[ti].data_ptr<bool>() + i0;
+            for (int64_t j = 0; j < n; ++j) v[j] = m[j] ? v[j] : 0.f;
+          } else if (a.mask_kind == 2) {
+            const uint8_t* m = masks[ti].data_ptr<uint8_t>();
+            for (int64_t j = 0; j < n; ++j) {
+              const int64_t i = i0 + j;
+              v[j] = ((m[i >> 3] >> (i & 7)) & 1) ? v[j] : 0.f;
+            }
+          }
+          for (int k = 0; k < kCoefLanes; ++k) acc[k] = 0.f;
+          for (int64_t j0 = 0; j0 < n32; j0 += kCoefLanes) {
+            const float* gj = g + j0;
+            const float* vj = v + j0;
+            for (int k = 0; k < kCoefLanes; ++k) acc[k] = acc[k] + gj[k] * vj[k];
+          }
+          for (int k = 0; k < kCoefLanes; ++k) s[k] = static_cast<double>(acc[k]);
+          partial[t * NB + blk] = coef_lane_tree(s);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor coef_grad_cpu(at::TensorList grads, at::TensorList inputs, at::TensorList base, int64_t num_tasks,
+                         const c10::optional<at::Tensor>& thresholds, bool strict, at::TensorList masks) {
+  const CoefGradArgs a = check_coef_grad(grads, inputs, base, num_tasks, thresholds, masks);
+  const TaskList& tl = a.tl;
+  at::Tensor out = at::empty({tl.T, tl.L}, at::TensorOptions().dtype(at::kFloat).device(tl.device));
+  if (tl.L == 0) return out;
+  const int64_t NB = a.start[tl.L];
+  std::vector<double> partial(static_cast<size_t>(tl.T * NB));
+  CF_DISPATCH_FLOAT(tl.dtype, [&] {
+    if (a.grad_dtype == at::kFloat) {
+      coef_grad_impl<scalar_t, float>(a, grads, inputs, base, strict, masks, partial.data());
+    } else {
+      coef_grad_impl<scalar_t, scalar_t>(a, grads, inputs, base, strict, masks, partial.data());
+    }
+  });
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < tl.T; ++t) {
+    for (int64_t l = 0; l < tl.L; ++l) {
+      const double* blocks = partial.data() + t * NB + a.start[l];
+      o[t * tl.L + l] = static_cast<float>(coef_combine_blocks(blocks, a.start[l + 1] - a.start[l]));
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace calm_fast
+
+TORCH_LIBRARY_IMPL(calm_fast, CPU, m) { m.impl("coef_grad", &calm_fast::cpu::coef_grad_cpu); }
