@@ -172,7 +172,7 @@ def _calm_files(result: Any, out: Any) -> List[str]:
 DATA_METHODS: Dict[str, DataMethod] = {
     "calm": DataMethod("calm_fast.methods.calm:calm", CalmParameters, needs_data=_calm_needs_data, check=_calm_check,
                        plan=_calm_plan, extra_files=_calm_files, working_buffers=10.0),
-    # the AdaMerging family (listed only where its module is present: see `available`)
+    # the AdaMerging family: the parameter schema is derived from the function signature
     "adamerging": DataMethod("calm_fast.methods.adamerging:adamerging", fixed={"mode": "adamerging"}),
     "adamerging_pp": DataMethod("calm_fast.methods.adamerging:adamerging", fixed={"mode": "adamerging_pp"}),
     "doge_adamerging": DataMethod("calm_fast.methods.doge_adamerging:doge_adamerging"),

@@ -522,3 +522,34 @@ def test_readme_examples_validate():
             validate_parameters(DogeParameters, cfg.parameters, "parameters.")
             seen.add("doge_ta")
     assert seen == {"hf-encoder", "open-clip", "doge_ta"}
+
+
+# ------------------------------------------------------------------------------------------------
+# the AdaMerging family through the same data config
+# ------------------------------------------------------------------------------------------------
+ADA = {"steps": 4, "batch_size": 8}
+
+
+@pytest.mark.parametrize("method,fixed,params", [
+    ("adamerging", {"mode": "adamerging"}, {**ADA, "granularity": "layer"}),
+    ("adamerging_pp", {"mode": "adamerging_pp"}, {**ADA, "preset": "fusion_bench"}),
+    ("doge_adamerging", {}, {**ADA, "doge_steps": 3, "include": [r"\.weight$"]}),
+])
+def test_adamerging_family_cli_equals_python_api(problem, capsys, method, fixed, params):
+    root, paths, config = problem
+    cfg = config(merge_method=method, params=params)
+    cfg_text = yaml.safe_load(cfg.read_text())
+    cfg_text["parameters"] = dict(params)  # not CALM's settings
+    cfg.write_text(yaml.safe_dump(cfg_text, sort_keys=False))
+    rc, out, err = run(["merge", "--config", cfg, "--seed", 3], capsys)
+    assert rc == 0, err
+    loaded = cm.build(paths["base"], {t: paths[t] for t in cm.TASKS}, cm.TASKS)
+    data = {t: torch.load(root / f"data_{t}.pt") for t in cm.TASKS}
+    fn = calm_fast.doge_adamerging if method == "doge_adamerging" else calm_fast.adamerging
+    res = fn(loaded.pretrained, dict(zip(cm.TASKS, loaded.finetuned)), loaded.adapter, data, progress=False,
+             seed=3, **fixed, **params)
+    assert_bits(load_state_dict(root / "out" / "model.safetensors"), res.state_dict)
+    # the coefficients moved away from their initial value: the comparison is not of two untrained merges
+    other = fn(loaded.pretrained, dict(zip(cm.TASKS, loaded.finetuned)), loaded.adapter, data, progress=False,
+               seed=3, **fixed, **{**params, "steps": 0 if method != "doge_adamerging" else 1})
+    assert any(not torch.equal(other.state_dict[k], res.state_dict[k]) for k in res.state_dict)
