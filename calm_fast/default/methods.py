@@ -7,10 +7,13 @@ the task vectors; the other tensors are θ0's) and evaluate the one merged encod
 head.  Their hyperparameters are fixed in advance: the library defaults (the FusionBench/AdaMerging
 settings), never tuned on the test split.  The same seed is used for every method.
 
-Methods that need more than weights (CALM: unlabeled test inputs; AdaMerging: unlabeled test inputs
-and entropy minimisation; DOGE) join as one entry each with :func:`register_method`; ``ctx`` gives them
-the encoder (:class:`.encoder.Encoder`, whose ``bert`` is a plain ``torch.nn.Module`` for
-``calm_fast.models`` adapters), the heads and the tokenized val/test inputs.
+Rows, in table order: the references (individual fine-tuned, pretrained + task heads, linear probe,
+multi-task training), then task arithmetic, TIES, DARE, consensus/TALL, DOGE_TA (data-free; its key
+filter adapted to BERT's names) and, from :mod:`.network_methods`, CALM (unlabeled test inputs, through
+the Hugging Face adapter) and AdaMerging (only when ``calm_fast.adamerging`` exists).  Settings that
+depend on the time budget (CALM's iterations, DOGE's steps, multi-task training's steps) come from the
+profile (``ctx.profile``); each row records the settings it ran with.  A row may read the test
+*inputs* (``ctx.test_tokens``) but never the test labels.
 """
 from __future__ import annotations
 
@@ -207,6 +210,10 @@ def pending_methods() -> List[str]:
 def select_methods(names: Optional[List[str]] = None) -> List[Method]:
     if not names:
         return list(METHODS.values())
+    planned = [PENDING[n] for n in names if n in PENDING and n not in METHODS]
+    if planned:
+        raise ValueError(f"method(s) {', '.join(planned)} not available in this version of calm_fast; "
+                         f"available: {', '.join(METHODS)}")
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
