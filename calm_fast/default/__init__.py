@@ -5,7 +5,9 @@ merged with every method calm_fast has, evaluated per task — ``calm-fast demo`
 * :mod:`.profiles` — quick / default / full: tasks, data sizes, fine-tuning hyperparameters.
 * :mod:`.encoder` — the Hugging Face BERT run as a cached frozen bottom + the top layers.
 * :mod:`.finetune` — fine-tuning one task and the on-disk checkpoint cache (Hugging Face folders).
-* :mod:`.methods` — the rows of the table (reference rows and merging methods) as a registry.
+* :mod:`.methods` — the rows of the table (reference rows and merging methods) as a registry;
+  :mod:`.network_methods` — the rows that run the network (CALM, AdaMerging when present);
+  :mod:`.multitask` — the multi-task-training reference row (cached like the checkpoints).
 * :mod:`.runner` — all of it end to end; :mod:`.report` — table, JSON, PNG; :mod:`.command` — the CLI.
 """
 from .assets import AssetMissing

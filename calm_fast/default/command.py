@@ -28,8 +28,8 @@ def make_parser() -> argparse.ArgumentParser:
                     "PNG heat map.  Offline: the encoder and the data come from installed packages.")
     p.add_argument("--profile", default="default", choices=list(PROFILES),
                    help="quick: seconds (3 tasks, tiny subsets); default: 8 tasks, about 10 minutes the first "
-                        "time on a busy 2-core CPU, then about a minute (checkpoints cached); full: all "
-                        "layers, more data and steps")
+                        "time on an idle 2-core CPU (more under load), then 2-3 minutes (checkpoints cached); "
+                        "full: all layers, more data and steps, the paper's CALM budget (hours on a CPU)")
     p.add_argument("--dir", help=f"cache and output folder (default {default_dir()})")
     p.add_argument("--tasks", help=f"comma-separated subset of: {', '.join(TASKS)}")
     p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")

@@ -122,7 +122,8 @@ def run(profile: Profile, root: Path, tasks: Optional[Sequence[str]] = None, met
         f"({finetune_seconds:.1f}s)")
 
     merge_keys = [k for k in encoder.base if any(not torch.equal(f.encoder[k], encoder.base[k]) for f in fts)]
-    ctx = Context(encoder, encoder.base, fts, probes, datas, val_tok, test_tok, profile.seed, merge_keys)
+    ctx = Context(encoder, encoder.base, fts, probes, datas, val_tok, test_tok, profile.seed, merge_keys,
+                  profile=profile, progress=progress, train_tokens=train_tok, cache_root=cache_root)
     check_start = encoder.num_layers if split_ok else 0
     prefix_cache: Dict = {}
     rows = []
@@ -135,7 +136,9 @@ def run(profile: Profile, root: Path, tasks: Optional[Sequence[str]] = None, met
         t0 = time.perf_counter()
         accs = evaluate(ctx, res.encoders, res.heads, prefix_cache, check_start)
         t_eval = time.perf_counter() - t0
-        rows.append({"method": m.name, "label": m.label, "kind": m.kind, "params": m.params, "note": m.note,
+        settings = res.info.pop("settings", {})  # the settings this run used (some come from the profile)
+        rows.append({"method": m.name, "label": m.label, "kind": m.kind, "params": {**m.params, **settings},
+                     "note": m.note,
                      "accuracy": dict(zip(task_names, accs)), "mean": sum(accs) / len(accs),
                      "merge_seconds": t_merge, "eval_seconds": t_eval, "info": res.info})
         bar.update(1)

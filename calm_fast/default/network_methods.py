@@ -1,0 +1,151 @@
+"""Rows that run the network while merging: CALM (and AdaMerging when calm_fast has it).
+
+Both go through the public API and the Hugging Face model adapter, the code a user calls:
+:func:`calm_fast.models.load_hf_encoder` reads the pretrained encoder folder and the cached fine-tuned
+task folders (``AutoModelForSequenceClassification``), and the method gets the adapter, the encoder
+tensors and, per task, the **unlabeled test inputs** (token ids and attention masks; the test labels
+are never passed).  The merged encoder is then evaluated like every other row.
+
+CALM settings (fixed in advance, never chosen on the test split):
+
+* the paper's text settings: credible ratio 0.8; the paper's schedule (two tasks drawn at random are
+  merged one at a time after task arithmetic of the others: ``schedule="random"``) with the run's seed;
+  every other setting is :func:`calm_fast.calm`'s default (η = 1e7 summed over the batches, α = 1,
+  mask init on the top 1e-5 of ``|τ_new|``, bias 5, TA prior 0.3, the fused mode, the fine-tuned model of
+  each task as the teacher);
+* the mask training budget comes from the profile (``calm_iterations``, ``calm_batch_size``,
+  ``calm_batches_per_task``): the paper's 100 iterations of 2 batches of 128 per seen task would take
+  about an hour here on one CPU thread, so the default profile uses fewer (see :mod:`.profiles`).
+
+AdaMerging: registered only when ``calm_fast.adamerging`` exists (written against the signature of
+:func:`calm_fast.calm`: ``adamerging(pretrained, finetuned, adapter, unlabeled_inputs, **settings)``
+returning a state dict or an object with ``state_dict``/``merged``); nothing is reported for it otherwise.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, List, Mapping
+
+import torch
+
+import calm_fast
+
+from .methods import Context, Method, Result, register_method
+
+#: the paper's settings for language tasks (the rest: calm()'s defaults)
+CALM_TEXT = {"ratio": 0.8, "schedule": "random"}
+
+
+def hf_models(ctx: Context):
+    """The Hugging Face adapter over the cached task folders (built once per run, shared by the rows):
+    ``LoadedModels(adapter, pretrained, finetuned)`` with the encoder tensors named as the encoder names
+    them (the keys of ``ctx.base``)."""
+    if "hf" not in ctx.cache:
+        from calm_fast.models import load_hf_encoder
+
+        ctx.cache["hf"] = load_hf_encoder(ctx.encoder.path, {f.task: f.path for f in ctx.finetuned},
+                                          tokenizer=ctx.encoder.tokenizer)
+    return ctx.cache["hf"]
+
+
+def unlabeled_test_inputs(ctx: Context) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per task, its test split's inputs as the tokenizer gives them — no labels."""
+    return {f.task: {"input_ids": tok.ids, "attention_mask": tok.mask}
+            for f, tok in zip(ctx.finetuned, ctx.test_tokens)}
+
+
+def _merged_encoder(ctx: Context, merged_part: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    merged = dict(ctx.base)
+    for k, v in merged_part.items():
+        if k in merged:
+            merged[k] = v.detach().to(merged[k].dtype)
+    return merged
+
+
+def _group(key: str) -> str:
+    """A tensor's place for the mask summary: 'layer 4 attention', 'layer 4 ffn', 'pooler', 'embeddings'."""
+    if key.startswith("encoder.layer."):
+        layer = key.split(".")[2]
+        return f"layer {layer} {'attention' if '.attention.' in key else 'ffn'}"
+    return key.split(".")[0]
+
+
+def calm_settings(ctx: Context) -> Dict[str, object]:
+    p = ctx.profile
+    return {**CALM_TEXT, "seed": ctx.seed, "iterations": p.calm_iterations, "batch_size": p.calm_batch_size,
+            "batches_per_task": p.calm_batches_per_task}
+
+
+def run_calm(ctx: Context) -> Result:
+    adapter, pretrained, finetuned = hf_models(ctx)
+    settings = calm_settings(ctx)
+    res = calm_fast.calm(pretrained, finetuned, adapter, unlabeled_test_inputs(ctx), progress=ctx.progress,
+                         **settings)
+    merged = _merged_encoder(ctx, res.state_dict)
+    # what the masks keep: per step, how many entries take τ_new, by layer and block (the rest keep τ_prev)
+    masks = []
+    for i, rec in enumerate(res.masks):
+        on = Counter()
+        for k, m in res.mask(i).items():
+            n = int(m.sum())
+            if n:
+                on[_group(k)] += n
+        changed = sum(int((finetuned[adapter.task_names.index(rec["task"])][k] != pretrained[k]).sum())
+                      for k in adapter.param_names())
+        masks.append({"task": rec["task"], "on": rec["on"], "of": rec["numel"], "task_vector_nonzero": changed,
+                      "on_by_block": dict(sorted(on.items()))})
+    steps = [s for s in res.steps if s.get("kind") == "mask"]
+    info = {"settings": settings, "schedule": res.config["schedule"],
+            "credible": {t: len(c) for t, c in res.credible.items()},
+            "masks": masks,
+            "loss_first_last": [[s["loss"][0], s["loss"][-1]] if s["loss"] else [] for s in steps],
+            "timings_s": {"credible": res.timings.get("credible_s"), "total": res.timings.get("total_s"),
+                          "steps": [s["timings"]["step_s"] for s in steps]}}
+    return Result([merged] * len(ctx.finetuned), ctx.heads(), info)
+
+
+register_method(Method("calm", "CALM", "merge",
+                       {**CALM_TEXT, "seed": "the run seed", "iterations/batches": "the profile's"}, run_calm,
+                       "unlabeled test inputs, credible ratio 0.8, the paper's random schedule (seeded); "
+                       "mask-training budget from the profile"))
+
+
+# ------------------------------------------------------------------------------------------------
+# AdaMerging: a row only when calm_fast has it (another part of the project adds it)
+# ------------------------------------------------------------------------------------------------
+ADAMERGING_SETTINGS: Dict[str, object] = {}  # its own defaults; fixed in advance
+
+
+def run_adamerging(ctx: Context) -> Result:
+    import inspect
+
+    adapter, pretrained, finetuned = hf_models(ctx)
+    fn = calm_fast.adamerging
+    try:
+        accepted = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        accepted = {}
+    run_opts = {k: v for k, v in (("seed", ctx.seed), ("progress", ctx.progress)) if k in accepted}
+    out = fn(pretrained, finetuned, adapter, unlabeled_test_inputs(ctx), **run_opts, **ADAMERGING_SETTINGS)
+    state = out
+    for attr in ("state_dict", "merged"):
+        if not isinstance(state, Mapping) and hasattr(state, attr):
+            state = getattr(state, attr)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"calm_fast.adamerging returned {type(out).__name__}, not a state dict or a result "
+                        "with .state_dict / .merged")
+    return Result([_merged_encoder(ctx, state)] * len(ctx.finetuned), ctx.heads(),
+                  {"settings": {**ADAMERGING_SETTINGS, "seed": ctx.seed}})
+
+
+def adamerging_available() -> bool:
+    return hasattr(calm_fast, "adamerging")
+
+
+if adamerging_available():
+    register_method(Method("adamerging", "AdaMerging", "merge", {"seed": "the run seed", **ADAMERGING_SETTINGS},
+                           run_adamerging, "entropy minimisation on the unlabeled test inputs"))
+
+
+__all__: List[str] = ["CALM_TEXT", "hf_models", "unlabeled_test_inputs", "run_calm", "run_adamerging",
+                      "adamerging_available"]
