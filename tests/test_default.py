@@ -339,7 +339,7 @@ def test_missing_assets_say_what_to_install(monkeypatch, capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def spied_run(quick_run):
-    """The quick profile's CALM, DOGE_TA and multi-task rows again (checkpoints cached by ``quick_run``), with
+    """The quick profile's CALM, DOGE_TA, multi-task and AdaMerging rows again (checkpoints cached by ``quick_run``), with
     calm_fast.calm and calm_fast.doge_ta wrapped to capture what the rows pass and get back."""
     import calm_fast
     from calm_fast.default.profiles import PROFILES
@@ -347,7 +347,7 @@ def spied_run(quick_run):
 
     root = quick_run[0]
     captured = {}
-    real_calm, real_doge = calm_fast.calm, calm_fast.doge_ta
+    real_calm, real_doge, real_ada = calm_fast.calm, calm_fast.doge_ta, calm_fast.adamerging
 
     def calm_spy(*a, **k):
         captured["calm"] = (a, k, real_calm(*a, **k))
@@ -357,10 +357,16 @@ def spied_run(quick_run):
         captured["doge"] = (a, k, real_doge(*a, **k))
         return captured["doge"][2]
 
+    def ada_spy(*a, **k):
+        captured["adamerging"] = (a, k, real_ada(*a, **k))
+        return captured["adamerging"][2]
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(calm_fast, "calm", calm_spy)
         mp.setattr(calm_fast, "doge_ta", doge_spy)
-        rec = run(PROFILES["quick"], root, methods=["calm", "doge_ta", "multitask"], progress=False, log=lambda s: None)
+        mp.setattr(calm_fast, "adamerging", ada_spy)
+        rec = run(PROFILES["quick"], root, methods=["calm", "doge_ta", "multitask", "adamerging"], progress=False,
+                  log=lambda s: None)
     return root, rec, captured
 
 
@@ -494,38 +500,27 @@ def test_multitask_row_is_one_jointly_trained_encoder(spied_run):
 
 
 @needs_assets
-def test_adamerging_hook(quick_run, monkeypatch, capsys):
-    """AdaMerging is a row only when calm_fast has it; written against calm()'s signature."""
-    import importlib
-
-    import calm_fast
-    from calm_fast.default import network_methods
-    from calm_fast.default.methods import METHODS, pending_methods
-    from calm_fast.default.profiles import PROFILES
-    from calm_fast.default.runner import run
-
-    root = quick_run[0]
-    had_it = hasattr(calm_fast, "adamerging")
-    if not had_it:
-        assert "adamerging" not in METHODS and "AdaMerging" in pending_methods()
-        rc = cli.main(["demo", "--profile", "quick", "--methods", "adamerging", "--dir", str(root), "--no-progress"])
-        assert rc == 2 and "AdaMerging not available" in capsys.readouterr().err
-    seen = {}
-
-    def fake_adamerging(pretrained, finetuned, adapter, unlabeled_inputs, *, seed=0, progress=True):
-        seen.update(finetuned=finetuned, inputs=unlabeled_inputs, seed=seed, tasks=list(adapter.task_names))
-        return calm_fast.task_arithmetic(pretrained, list(finetuned), scaling=0.3)  # stands in: TA's merge
-
-    monkeypatch.setattr(calm_fast, "adamerging", fake_adamerging, raising=False)
-    try:
-        importlib.reload(network_methods)
-        assert "adamerging" in METHODS and "AdaMerging" not in pending_methods()
-        rec = run(PROFILES["quick"], root, methods=["task_arithmetic", "adamerging"], progress=False, log=lambda s: None)
-    finally:
-        monkeypatch.undo()
-        if not had_it:
-            METHODS.pop("adamerging", None)
-    rows = {r["method"]: r for r in rec["results"]}
-    assert rows["adamerging"]["accuracy"] == rows["task_arithmetic"]["accuracy"]
-    assert seen["tasks"] == list(PROFILES["quick"].tasks) and seen["seed"] == PROFILES["quick"].seed
-    assert all(set(x) == {"input_ids", "attention_mask"} for x in seen["inputs"].values())  # no labels
+def test_adamerging_row_learns_layer_coefficients_on_unlabeled_test_inputs(spied_run):
+    """The official preset with the profile's budget, test inputs without labels, and a merged encoder that is
+    θ0 + Σ_t λ_{t,l} τ_{t,l} with the learned table (rebuilt here from the cached checkpoints)."""
+    root, rec, captured = spied_run
+    (pretrained, finetuned, adapter, inputs), kwargs, res = captured["adamerging"]
+    prof, tasks = quick_tasks(rec)
+    names = [t["name"] for t, _ in tasks]
+    assert adapter.task_names == names and list(inputs) == names
+    assert all(set(x) == {"input_ids", "attention_mask"} for x in inputs.values())  # no labels
+    assert (kwargs["preset"], kwargs["granularity"], kwargs["seed"]) == ("official", "layer", prof.seed)
+    assert (kwargs["steps"], kwargs["batch_size"], kwargs["batches_per_task"]) == (
+        prof.ada_steps, prof.ada_batch_size, prof.ada_batches_per_task)
+    assert not {"eval_data", "batch_sampler"} & set(kwargs)
+    lam = res.lambdas
+    assert lam.shape == (len(names), len(res.keys)) and not torch.all(lam == 0.3)  # the coefficients moved
+    assert float(lam.min()) >= 0 and float(lam.max()) <= 1  # the official clamp
+    base = base_encoder()
+    encs = task_encoders(rec)
+    for j, k in enumerate(res.keys):
+        want = base[k] + sum(lam[t, j] * (encs[t][k] - base[k]) for t in range(len(names)))
+        torch.testing.assert_close(res.state_dict[k], want, atol=2e-6, rtol=0)
+    assert_row_matches_hf(rec, "adamerging", res.state_dict)
+    row = {r["method"]: r for r in rec["results"]}["adamerging"]
+    assert row["info"]["lambdas"] == lam.tolist() and row["params"]["steps"] == prof.ada_steps

@@ -1,4 +1,4 @@
-"""Rows that run the network while merging: CALM (and AdaMerging when calm_fast has it).
+"""Rows that run the network while merging: CALM and AdaMerging.
 
 Both go through the public API and the Hugging Face model adapter, the code a user calls:
 :func:`calm_fast.models.load_hf_encoder` reads the pretrained encoder folder and the cached fine-tuned
@@ -17,9 +17,11 @@ CALM settings (fixed in advance, never chosen on the test split):
   ``calm_batches_per_task``): the paper's 100 iterations of 2 batches of 128 per seen task would take
   about an hour here on one CPU thread, so the default profile uses fewer (see :mod:`.profiles`).
 
-AdaMerging: registered only when ``calm_fast.adamerging`` exists (written against the signature of
-:func:`calm_fast.calm`: ``adamerging(pretrained, finetuned, adapter, unlabeled_inputs, **settings)``
-returning a state dict or an object with ``state_dict``/``merged``); nothing is reported for it otherwise.
+AdaMerging: layer-wise, the official preset (init 0.3, Adam lr 1e-3, clamp to [0, 1]) with the profile's
+step budget (``ada_steps``, ``ada_batch_size``, ``ada_batches_per_task``): the official 500 steps of
+2 batches of 16 per task take far longer than the rest of the run on one CPU thread (every step runs the
+whole network forward and backward for every task), so the default profile uses fewer (see
+:mod:`.profiles`); the ``full`` profile uses the official budget.
 """
 from __future__ import annotations
 
@@ -111,41 +113,30 @@ register_method(Method("calm", "CALM", "merge",
 
 
 # ------------------------------------------------------------------------------------------------
-# AdaMerging: a row only when calm_fast has it (another part of the project adds it)
+# AdaMerging (layer-wise, the official preset's settings with the profile's budget)
 # ------------------------------------------------------------------------------------------------
-ADAMERGING_SETTINGS: Dict[str, object] = {}  # its own defaults; fixed in advance
+def adamerging_settings(ctx: Context) -> Dict[str, object]:
+    p = ctx.profile
+    return {"preset": "official", "granularity": "layer", "seed": ctx.seed, "steps": p.ada_steps,
+            "batch_size": p.ada_batch_size, "batches_per_task": p.ada_batches_per_task}
 
 
 def run_adamerging(ctx: Context) -> Result:
-    import inspect
-
     adapter, pretrained, finetuned = hf_models(ctx)
-    fn = calm_fast.adamerging
-    try:
-        accepted = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
-        accepted = {}
-    run_opts = {k: v for k, v in (("seed", ctx.seed), ("progress", ctx.progress)) if k in accepted}
-    out = fn(pretrained, finetuned, adapter, unlabeled_test_inputs(ctx), **run_opts, **ADAMERGING_SETTINGS)
-    state = out
-    for attr in ("state_dict", "merged"):
-        if not isinstance(state, Mapping) and hasattr(state, attr):
-            state = getattr(state, attr)
-    if not isinstance(state, Mapping):
-        raise TypeError(f"calm_fast.adamerging returned {type(out).__name__}, not a state dict or a result "
-                        "with .state_dict / .merged")
-    return Result([_merged_encoder(ctx, state)] * len(ctx.finetuned), ctx.heads(),
-                  {"settings": {**ADAMERGING_SETTINGS, "seed": ctx.seed}})
+    settings = adamerging_settings(ctx)
+    res = calm_fast.adamerging(pretrained, finetuned, adapter, unlabeled_test_inputs(ctx), progress=ctx.progress,
+                               **settings)
+    lam = res.lambdas
+    info = {"settings": settings, "keys": list(res.keys), "lambdas": lam.tolist(),
+            "lambda_mean_by_task": dict(zip(res.task_names, lam.mean(dim=1).tolist())),
+            "entropy_first_last": [res.entropy[0], res.entropy[-1]] if len(res.entropy) else []}
+    return Result([_merged_encoder(ctx, res.state_dict)] * len(ctx.finetuned), ctx.heads(), info)
 
 
-def adamerging_available() -> bool:
-    return hasattr(calm_fast, "adamerging")
+register_method(Method("adamerging", "AdaMerging", "merge",
+                       {"preset": "official (init 0.3, Adam lr 1e-3, clamp [0, 1])", "granularity": "layer",
+                        "seed": "the run seed", "steps/batches": "the profile's"}, run_adamerging,
+                       "entropy minimisation on the unlabeled test inputs; step budget from the profile"))
 
 
-if adamerging_available():
-    register_method(Method("adamerging", "AdaMerging", "merge", {"seed": "the run seed", **ADAMERGING_SETTINGS},
-                           run_adamerging, "entropy minimisation on the unlabeled test inputs"))
-
-
-__all__: List[str] = ["CALM_TEXT", "hf_models", "unlabeled_test_inputs", "run_calm", "run_adamerging",
-                      "adamerging_available"]
+__all__: List[str] = ["CALM_TEXT", "hf_models", "unlabeled_test_inputs", "run_calm", "run_adamerging", "adamerging_settings"]
