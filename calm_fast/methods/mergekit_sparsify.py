@@ -1,0 +1,153 @@
+"""mergekit's per-tensor sparsification (``mergekit.sparsify``), written from its documented semantics.
+
+These are the parity rules of ALGORITHMS.md §12 for mergekit-format configs (and the
+:mod:`calm_fast.compat.mergekit` shim).  Everything is **per tensor** and the arithmetic follows
+mergekit's order, so that in fp32 the results are bitwise mergekit's:
+
+* ``magnitude``: keep exactly ``k = max(1, int(density · n))`` entries of largest ``|x|`` (``density >= 1``
+  keeps everything, ``density <= 0`` or an empty tensor keeps nothing).  On the CPU the magnitudes are
+  sorted in fp32 with ``torch.argsort(descending=True)`` and the first ``k`` positions are kept: ties at
+  the k-th magnitude are broken by that sort's order (torch's CPU sort; the same call as mergekit's, so
+  the same tie-break on the same torch build).
+* ``magnitude_outliers`` (Model Breadcrumbs): sort ``|x|`` ascending, drop the ``n_top = int(gamma · n)``
+  largest, then keep the next ``int(density · n)`` below them (the bottom start ``n − int(d·n) − n_top``
+  is clamped at 0, so a high density eats into the outlier cut).
+* ``random`` (DARE): keep each entry with probability ``density`` (``density`` is the *keep* rate).
+* ``della_magprune``: per row (a 1-D tensor is one row), keep probability
+  ``(density − ε) + 2ε · rank_norm`` where ``rank_norm`` is the ascending magnitude rank scaled to [0, 1].
+* ``rescale_norm`` (``l1``/``l2``/``linf``): the masked tensor is rescaled to the original tensor's norm
+  (skipped when either norm is below 1e-7); mergekit's DARE/DELLA use ``l1``, not ``1/density``.
+
+Randomness: mergekit draws from torch's global generator.  Here the random methods take an explicit
+``torch.Generator`` (``generator=None`` uses the global one, as mergekit does): same distribution and
+statistics, not the same draws.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+NORMS = ("l1", "l2", "linf")
+
+
+def _norm_name(norm) -> Optional[str]:
+    """Accept ``None``, a string or an enum with a ``value`` (mergekit's ``RescaleNorm``)."""
+    if norm is None:
+        return None
+    name = getattr(norm, "value", norm)
+    if name not in NORMS:
+        raise ValueError(f"rescale_norm must be one of {NORMS} or None, got {norm!r}")
+    return name
+
+
+def rescaled_masked_tensor(tensor: Tensor, mask: Tensor, norm=None, eps: float = 1e-7) -> Tensor:
+    """``tensor * mask``, rescaled so that its ``norm`` equals the norm of ``tensor`` (no rescale when
+    ``norm`` is None or when either norm is below ``eps``)."""
+    masked = tensor * mask
+    norm = _norm_name(norm)
+    if norm is None:
+        return masked
+    if norm == "l1":
+        before, after = tensor.abs().sum(), masked.abs().sum()
+    elif norm == "l2":
+        before, after = tensor.norm(), masked.norm()
+    else:
+        before, after = tensor.abs().max(), masked.abs().max()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def _sort_key(tensor: Tensor) -> Tensor:
+    """Flat magnitudes as mergekit sorts them (fp32 on the CPU, the tensor's dtype elsewhere)."""
+    w = tensor.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
+
+
+def magnitude(tensor: Tensor, density: float, rescale_norm=None) -> Tensor:
+    """Keep exactly ``max(1, int(density · n))`` largest-magnitude entries (see the module docstring)."""
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * n))
+    keep = torch.argsort(_sort_key(tensor), descending=True)[:k]
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[keep] = 1
+    return rescaled_masked_tensor(tensor, mask.reshape(tensor.shape), rescale_norm)
+
+
+def magnitude_outliers(tensor: Tensor, density: float, rescale_norm=None, gamma: float = 0.01) -> Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes, then the smallest, keeping
+    ``int(density · n)`` entries (see the module docstring)."""
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    kept = int(density * n)
+    n_top = int(gamma * n)
+    start = max(0, n - kept - n_top)
+    ascending = torch.sort(_sort_key(tensor), descending=False).indices
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[ascending[start:start + kept]] = 1
+    return rescaled_masked_tensor(tensor, mask.reshape(tensor.shape), rescale_norm)
+
+
+def _work_dtype(tensor: Tensor) -> torch.dtype:
+    # torch.bernoulli has no fp16 CPU kernel: mergekit works in fp32 there (bf16 stays bf16)
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def bernoulli(tensor: Tensor, density: float, rescale_norm=None, *,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """DARE's random drop: keep each entry with probability ``density``, then rescale to the norm."""
+    if density >= 1:
+        return tensor
+    work = _work_dtype(tensor)
+    probs = torch.full(tensor.shape, float(density), dtype=work, device=tensor.device)
+    mask = torch.bernoulli(probs, generator=generator)
+    return rescaled_masked_tensor(tensor.to(work), mask, rescale_norm).to(tensor.dtype)
+
+
+def della_magprune(tensor: Tensor, density: float, epsilon: float, rescale_norm=None, *,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """DELLA's MagPrune: per-row keep probabilities rising linearly with the magnitude rank."""
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return torch.zeros_like(tensor)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError("della_magprune: epsilon must be chosen such that density +/- epsilon is in (0, 1) "
+                         f"(density {density}, epsilon {epsilon})")
+    shape = tensor.shape
+    work = _work_dtype(tensor)
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    ranks = order.argsort(dim=1).to(work) + 1
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work)
+    return rescaled_masked_tensor(rows.to(work), mask, rescale_norm).to(tensor.dtype).reshape(shape)
+
+
+def sparsify(tensor: Tensor, density: float, method, gamma: float = 0, epsilon: float = 0, rescale_norm=None, *,
+             generator: Optional[torch.Generator] = None) -> Tensor:
+    """Dispatch on ``method`` (a name of :data:`METHODS`, or mergekit's ``SparsificationMethod``)."""
+    name = getattr(method, "value", method)
+    if name == "magnitude":
+        return magnitude(tensor, density, rescale_norm)
+    if name == "random":
+        return bernoulli(tensor, density, rescale_norm, generator=generator)
+    if name == "magnitude_outliers":
+        return magnitude_outliers(tensor, density, rescale_norm, gamma=gamma)
+    if name == "della_magprune":
+        return della_magprune(tensor, density, epsilon, rescale_norm, generator=generator)
+    raise ValueError(f"unknown sparsification method {method!r}; expected one of {METHODS}")
