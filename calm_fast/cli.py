@@ -58,8 +58,12 @@ directory.  Flags override the file.
     copy_config: true             # true | false
     metadata: {key: value}        # extra safetensors metadata
 
-mergekit keys that calm-fast does not implement (slices, tokenizer_source, chat_template, modules) are
-errors; int8_mask is ignored with a note.
+A config in mergekit's format (mergekit's keys only: merge_method, base_model, models[].parameters,
+parameters, slices, dtype, out_dtype, tokenizer_source) is read with mergekit's semantics and defaults
+(per-tensor, lambda 1.0, mergekit's normalisation; methods linear, task_arithmetic, ties, dare_linear,
+dare_ties, breadcrumbs[_ties], della[_linear], model_stock, slerp, nuslerp, passthrough); a file with
+calm-fast keys (weights, include, parameters.scaling/merge/mode/p, ...) is calm-fast's own format; the
+top-level key 'format: mergekit' or 'format: calm-fast' decides explicitly (README: "mergekit configs").
 
 Other commands:
 
@@ -163,6 +167,9 @@ def build_merge_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     method = args.method or cfg.merge_method
     if not method:
         raise ConfigError("no merge method (use --method or 'merge_method' in the config)")
+    from .mergekit_config import refuse_mergekit_method
+
+    refuse_mergekit_method(method)  # e.g. 'linear': only in a mergekit-format config
     base = args.base or cfg.base_model
     if not base:
         raise ConfigError("no base model (use --base or 'base_model' in the config)")
@@ -318,6 +325,12 @@ def _print_phase_table(result) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .streaming import merge_checkpoints
+
+    if args.config:  # a config in mergekit's format means what mergekit means (calm_fast/mergekit_merge.py)
+        from .mergekit_merge import config_format, run_mergekit_cli
+
+        if config_format(args.config) == "mergekit":
+            return run_mergekit_cli(args)
 
     kwargs = build_merge_kwargs(args)
     if not kwargs.get("output") and not args.dry_run:

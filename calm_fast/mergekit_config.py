@@ -123,8 +123,6 @@ class _Strict(BaseModel):
 def _check_setting(v: Any, where: str = "") -> Any:
     """A mergekit parameter setting: scalar, gradient list, or list of {filter, value}."""
     if isinstance(v, bool) or isinstance(v, (int, float, str)):
-        if isinstance(v, float) and v != v:
-            raise ValueError("NaN is not a valid parameter value")
         return v
     if isinstance(v, dict):
         v = [v]
@@ -244,8 +242,12 @@ def validate_mergekit(data: Mapping[str, Any], where: str = "config") -> Mergeki
     if method not in METHODS:
         raise ConfigError(f"{where}: unknown merge_method '{cfg.merge_method}' for a mergekit-format config "
                           f"(supported: {', '.join(sorted(METHODS))})")
-    if bool(cfg.models) == bool(cfg.slices):
+    if (cfg.models is None) == (cfg.slices is None):
         raise ConfigError(f"{where}: give exactly one of 'models' or 'slices'")
+    if not (cfg.models or cfg.slices):
+        raise ConfigError(f"{where}: '{'models' if cfg.models is not None else 'slices'}' is empty")
+    if not all(s.sources for s in cfg.slices or []):
+        raise ConfigError(f"{where}: every slice needs at least one source")
     if cfg.tokenizer_source not in (None, "base") and cfg.tokenizer_source is not None:
         if cfg.tokenizer_source == "union":
             raise ConfigError(f"{where}: tokenizer_source: union (vocabulary merging) is not supported by calm-fast; "
@@ -267,7 +269,24 @@ def validate_mergekit(data: Mapping[str, Any], where: str = "config") -> Mergeki
         if unknown:
             raise ConfigError(f"{where}: {scope_name}: parameter(s) {', '.join(unknown)} are not parameters of "
                               f"mergekit's '{method}' (its parameters: {', '.join(sorted(known)) or 'none'})")
+        for name, setting in (params or {}).items():
+            try:
+                _check_leaves(setting, spec.params[name][1], name)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {scope_name}.{name}: {str(e).split(': ', 1)[-1]}") from None
     return cfg.model_copy(update={"merge_method": method})
+
+
+def _check_leaves(setting: Any, typ: type, name: str) -> None:
+    """Type-check every value of a setting (each filter entry, each gradient point) before any tensor is read."""
+    if isinstance(setting, list) and setting and all(isinstance(x, dict) for x in setting):
+        for cond in setting:
+            _check_leaves(cond["value"], typ, name)
+    elif isinstance(setting, list):
+        for x in setting:
+            _cast(x, typ, name)
+    else:
+        _cast(setting, typ, name)
 
 
 def _all_param_blocks(cfg: MergekitConfig):
@@ -307,20 +326,16 @@ def resolve_mergekit_paths(cfg: MergekitConfig, folder: str) -> MergekitConfig:
 def _cast(value: Any, typ: type, name: str) -> Any:
     if value is None:
         return None
+    # strict, as calm-fast's own schema: a quoted "false" or "0.5" is a string, never a value
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if isinstance(value, (int, float)) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"parameter {name}: expected true or false, got {value!r}")
-    if isinstance(value, bool):
-        raise ConfigError(f"parameter {name}: expected a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"parameter {name}: expected a number, got {value!r}") from None
+        raise ConfigError(f"parameter {name}: expected true or false, got {value!r}"
+                          + (" (a quoted value is a string)" if isinstance(value, str) else ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"parameter {name}: expected a number, got {value!r}"
+                          + (" (a quoted value is a string)" if isinstance(value, str) else ""))
+    v = float(value)
     if v != v or v in (float("inf"), float("-inf")):
         raise ConfigError(f"parameter {name}: expected a finite number, got {value!r}")
     return v
@@ -471,3 +486,15 @@ def total_output_layers(cfg: MergekitConfig) -> Optional[int]:
     if not cfg.slices:
         return None
     return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in cfg.slices)
+
+
+def refuse_mergekit_method(method: str) -> None:
+    """A calm-fast-format merge (flags or a calm-fast config) naming a method only mergekit configs have:
+    a clear error saying where that method lives (not "no base model")."""
+    m = str(method).strip().lower()
+    if m in METHODS and m not in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):
+        raise ConfigError(f"'{method}' is one of mergekit's methods: write it as a mergekit-format config "
+                          "(merge_method, base_model, models with parameters; see the README's 'mergekit configs') "
+                          "and run calm-fast merge --config FILE")
+    if m in UNSUPPORTED_METHODS:
+        raise ConfigError(f"mergekit's merge method '{method}' is not supported by calm-fast")

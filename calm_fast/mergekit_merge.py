@@ -404,3 +404,67 @@ def load_mergekit_config(path: str) -> tuple:
     data = parse_yaml(text, str(path))
     cfg = validate_mergekit(data, str(path))
     return resolve_mergekit_paths(cfg, os.path.dirname(os.path.abspath(path))), text
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line (``calm-fast merge --config`` hands a mergekit-format file over to this)
+# ------------------------------------------------------------------------------------------------
+#: ``calm-fast merge`` flags that define a calm-fast merge; with a mergekit-format config the file does
+_CALM_FLAGS = {"base": "--base", "model": "--model", "method": "--method", "scaling": "--scaling",
+               "density": "--density", "merge": "--merge", "mode": "--mode", "p": "--p", "rescale": "--rescale",
+               "combine": "--combine", "tall_lambdas": "--tall-lambdas", "min_count": "--min-count",
+               "alpha": "--alpha", "mtl": "--mtl", "ties_density": "--ties-density", "ties_merge": "--ties-merge",
+               "weights": "--weights", "set": "--set", "include": "--include", "exclude": "--exclude",
+               "on_mismatch": "--on-mismatch", "nonfinite": "--nonfinite"}
+
+
+def config_format(path: str) -> str:
+    """'mergekit' or 'calm-fast' for a config file (see :func:`calm_fast.mergekit_config.detect_format`)."""
+    from .config import parse_yaml
+    from .mergekit_config import detect_format
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return "calm-fast"  # calm_fast.config reports the problem
+    return detect_format(parse_yaml(text, str(path)))
+
+
+def run_mergekit_cli(args) -> int:
+    """``calm-fast merge --config FILE`` for a mergekit-format FILE (the run flags apply; the flags that
+    define a calm-fast merge are refused: the file defines the merge)."""
+    from .io.publish import atomic_write_file
+
+    given = [flag for dest, flag in _CALM_FLAGS.items() if getattr(args, dest, None) not in (None, False, [])]
+    if given:
+        raise ConfigError(f"{args.config} is a mergekit-format config: it defines the merge, so {', '.join(given)} "
+                          "cannot be combined with it (edit the file, or write a calm-fast config)")
+    cfg, text = load_mergekit_config(args.config)
+    output = args.out or cfg.output
+    if not output and not args.dry_run:
+        raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")
+    out_dtype = args.out_dtype or args.dtype
+    if out_dtype is not None and out_dtype.lower().replace("torch.", "") not in DTYPE_ALIASES:
+        raise ConfigError(f"--out-dtype: expected float32, bfloat16 or float16, got {out_dtype!r}")
+    progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
+    result = merge_mergekit(cfg, output, out_dtype=out_dtype, overwrite=args.overwrite, dry_run=args.dry_run,
+                            shard_size=args.shard_size or cfg.shard_size or "5GB",
+                            trust_pickle=bool(args.trust_pickle or cfg.trust_pickle),
+                            copy_files=not args.no_copy_config, seed=0 if args.seed is None else args.seed,
+                            config_text=text, progress=progress)
+    if args.dry_run or not args.quiet:
+        print(result.describe())
+    if args.dry_run:
+        print(f"dry run: {'would write ' + str(output) + ', ' if output else ''}{len(result.plans)} tensors; "
+              "no tensor data was read and nothing was written")
+    elif not args.quiet:
+        print(result.summary())
+        print("wrote: " + ", ".join(result.paths[:4]) + (f" (+{len(result.paths) - 4} more)"
+                                                         if len(result.paths) > 4 else ""))
+    if args.json:
+        info = {"format": "mergekit", "method": result.method, "dry_run": bool(args.dry_run), "seed": result.seed,
+                "tensors": len(result.plans), "paths": result.paths, "timings": result.timings,
+                "bytes_written": result.bytes_written, "notes": result.notes}
+        atomic_write_file(args.json, (json.dumps(info, indent=2) + "\n").encode(), overwrite=True)
+    return 0

@@ -41,7 +41,9 @@ def run(argv, capsys):
 
 
 def write_cfg(folder, extra, name="merge.yaml", text=None):
-    cfg = {"merge_method": "ties", "base_model": "base", "models": ["ft0", "ft1"], "output": "out"}
+    # calm-fast's own format (a config with only mergekit's keys is read with mergekit's semantics)
+    cfg = {"format": "calm-fast", "merge_method": "ties", "base_model": "base", "models": ["ft0", "ft1"],
+           "output": "out"}
     cfg.update(extra)
     p = folder / name
     p.write_text(text if text is not None else yaml.safe_dump(cfg))
