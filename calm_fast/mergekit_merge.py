@@ -127,8 +127,10 @@ def _check_counts(method: str, plan: TensorPlan, base: Optional[str]) -> None:
         extra = ""
         if method == "passthrough":
             extra = " (passthrough copies one source per slice: use slices with one source each, and no base_model)"
-        if method in ("slerp",):
+        if method == "slerp":
             extra = " (slerp interpolates the base and one other model)"
+        if method == "model_stock":
+            extra = " (model_stock needs the base and at least two models besides the base)"
         raise ConfigError(f"mergekit's '{method}' takes {want} input model(s) per tensor, got {n} for "
                           f"{plan.name}{extra}")
     if method == "nuslerp":
