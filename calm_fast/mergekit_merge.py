@@ -8,9 +8,9 @@ for ``slices`` configs), the tokenizer files of the donor model (``tokenizer_sou
 else the first model, as mergekit does), ``mergekit_config.yml`` (the config as given) and a short
 ``README.md`` model card.
 
-Random methods (dare_*, della*) draw each mask from a ``torch.Generator`` seeded from
-``(seed, output tensor name, input index)``: the result does not depend on the order or the number of
-threads, and ``seed`` (default 0) reproduces it.  mergekit draws from torch's global RNG, so these
+Random methods (dare_*, della*) draw each mask with calm_fast's counter-based Philox generator, keyed
+by ``(seed, input index, output tensor name)``: the result does not depend on the order, the device or
+the number of threads, and ``seed`` (default 0) reproduces it.  mergekit draws from torch's global RNG, so these
 masks differ from mergekit's draws (same distribution and rescaling).
 """
 from __future__ import annotations
@@ -107,9 +107,11 @@ def _num_layers(path: str, ck: Checkpoint) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def _generator(seed: int, name: str, index: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}\0{name}\0{index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+def _key(seed: int, name: str, index: int) -> int:
+    """Philox key of input ``index`` of output tensor ``name`` (the DARE key of calm_fast's kernels)."""
+    from .ops import dare_keys
+
+    return int(dare_keys(seed, [name], index + 1)[index, 0])
 
 
 def _check_counts(method: str, plan: TensorPlan, base: Optional[str]) -> None:
@@ -307,7 +309,7 @@ def merge_mergekit(cfg: MergekitConfig, output: Optional[str] = None, *, out_dty
             specs.append(OutputSpec(plan.name, tuple(infos[0].shape), dt))
         result = MergekitResult(method=method, plans=plans, seed=seed)
         if METHODS[method].random:
-            result.notes.append(f"random masks drawn with calm-fast's generator (seed {seed}); mergekit's global-RNG "
+            result.notes.append(f"random masks drawn with calm-fast's Philox generator (seed {seed}); mergekit's global-RNG "
                                 "draws differ, the statistics are the same")
         result.timings["plan"] = time.perf_counter() - t0
         if dry_run:
@@ -331,8 +333,8 @@ def merge_mergekit(cfg: MergekitConfig, output: Optional[str] = None, *, out_dty
                         x = cks[inp.model].read(inp.name)
                         if work_dtype is not None and x.is_floating_point():
                             x = x.to(work_dtype)
-                        gen = _generator(seed, plan.name, j) if METHODS[method].random else None
-                        entries.append(Entry(x, inp.is_base, params, gen))
+                        key = _key(seed, plan.name, j) if METHODS[method].random else None
+                        entries.append(Entry(x, inp.is_base, params, key))
                     if all(e.tensor.is_floating_point() for e in entries):
                         dt = _promoted([e.tensor.dtype for e in entries])
                         for e in entries:

@@ -2,9 +2,9 @@
 
 Rule checked here: for the deterministic methods the output equals mergekit's **bitwise** (fp32 and
 bf16 working dtypes; same torch build, since magnitude ties are broken by torch's sort).  The random
-methods (dare_*, della*) are compared with mergekit bitwise too, with ``torch.bernoulli`` replaced in
-both runs by one deterministic mask function (so everything but the random source is compared); their
-own generator is checked for its statistics separately.
+methods (dare_*, della*) are compared with mergekit bitwise too, with mergekit's ``torch.bernoulli`` and
+calm_fast's Philox draw both replaced by one deterministic mask function (so everything but the random
+source is compared); calm_fast's generator is checked for its statistics separately.
 
 mergekit runs in-process (``mergekit.merge.run_merge``); where it is not installed the parity tests
 skip with that reason, and the format/CLI/output tests still run.
@@ -372,7 +372,10 @@ base_model: base
 @needs_mergekit
 @pytest.mark.parametrize("case", sorted(RANDOM_CASES))
 def test_random_methods_match_mergekit_given_the_same_masks(zoo, tmp_path, monkeypatch, case):
-    monkeypatch.setattr(torch, "bernoulli", _fake_bernoulli)
+    from calm_fast.methods import mergekit_sparsify
+
+    monkeypatch.setattr(torch, "bernoulli", _fake_bernoulli)  # mergekit's draws
+    monkeypatch.setattr(mergekit_sparsify, "draw_mask", lambda probs, key: _fake_bernoulli(probs))  # calm_fast's
     text = RANDOM_CASES[case]
     ref = _run_mergekit(yaml.safe_load(text), tmp_path / "mk", zoo / "llama")
     got = _run_calm(text, tmp_path / "cf", zoo / "llama")

@@ -15,8 +15,9 @@ deterministic methods on the same torch build:
 * linear, slerp accumulate in fp32 (fp64 for fp64 inputs) and return the input dtype;
 * nuslerp and model_stock work in the input dtype.
 
-The random sparsifications (dare_*, della*) draw from the ``generator`` passed in (calm_fast seeds one
-per tensor and model), so their masks differ from mergekit's global-RNG draws; only the statistics match.
+The random sparsifications (dare_*, della*) draw with calm_fast's Philox generator under each entry's
+``key`` (derived from the seed, the input's index and the tensor name), so their masks differ from
+mergekit's global-RNG draws; the distribution and the rescaling are mergekit's.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class Entry:
     tensor: Tensor
     is_base: bool = False
     params: Dict[str, Any] = field(default_factory=dict)
-    generator: Optional[torch.Generator] = None
+    key: Optional[int] = None    # Philox key of the random sparsifications (dare_*, della*)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def generalized_task_arithmetic(method: str, entries: Sequence[Entry], shared: M
             delta = sparsify(delta, density=e.params["density"], method=v.sparsification,
                              rescale_norm="l1" if shared["rescale"] else None,
                              gamma=e.params.get("gamma", 0), epsilon=e.params.get("epsilon", 0),
-                             generator=e.generator)
+                             key=e.key)
         deltas[i] = delta
     weights = torch.tensor([e.params["weight"] for e in others], dtype=deltas.dtype, device=deltas.device)
     weights = weights.reshape((len(others),) + (1,) * base.dim())

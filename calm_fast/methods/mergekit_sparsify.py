@@ -5,10 +5,12 @@ These are the parity rules of ALGORITHMS.md §12 for mergekit-format configs (an
 mergekit's order, so that in fp32 the results are bitwise mergekit's:
 
 * ``magnitude``: keep exactly ``k = max(1, int(density · n))`` entries of largest ``|x|`` (``density >= 1``
-  keeps everything, ``density <= 0`` or an empty tensor keeps nothing).  On the CPU the magnitudes are
-  sorted in fp32 with ``torch.argsort(descending=True)`` and the first ``k`` positions are kept: ties at
-  the k-th magnitude are broken by that sort's order (torch's CPU sort; the same call as mergekit's, so
-  the same tie-break on the same torch build).
+  keeps everything, ``density <= 0`` or an empty tensor keeps nothing).  mergekit sorts the magnitudes
+  (fp32 on the CPU) with ``torch.argsort(descending=True)`` and keeps the first ``k`` positions, so ties
+  at the k-th magnitude are broken by that sort's order.  Here the k-th largest magnitude is selected
+  exactly (no sort) and, when exactly ``k`` entries reach it, that comparison is the mask (the same set);
+  when entries tie at it, the same ``argsort`` call as mergekit's decides (same tie-break on the same
+  torch build).
 * ``magnitude_outliers`` (Model Breadcrumbs): sort ``|x|`` ascending, drop the ``n_top = int(gamma · n)``
   largest, then keep the next ``int(density · n)`` below them (the bottom start ``n − int(d·n) − n_top``
   is clamped at 0, so a high density eats into the outlier cut).
@@ -18,9 +20,12 @@ mergekit's order, so that in fp32 the results are bitwise mergekit's:
 * ``rescale_norm`` (``l1``/``l2``/``linf``): the masked tensor is rescaled to the original tensor's norm
   (skipped when either norm is below 1e-7); mergekit's DARE/DELLA use ``l1``, not ``1/density``.
 
-Randomness: mergekit draws from torch's global generator.  Here the random methods take an explicit
-``torch.Generator`` (``generator=None`` uses the global one, as mergekit does): same distribution and
-statistics, not the same draws.
+Randomness: mergekit draws from torch's global generator.  Here the random methods take a ``key``:
+calm_fast's counter-based Philox generator (the DARE kernels' one: element ``i`` is kept iff
+``u(key, i) >= 1 − p_i``, ``u`` on a 2^-24 grid), so a mask depends only on the key and the element's
+position — identical on CPU and GPU, for any thread count or tensor order.  ``key=None`` draws with
+``torch.bernoulli`` from torch's global generator, as mergekit does.  Same distribution and rescaling
+as mergekit, not the same draws.
 """
 from __future__ import annotations
 
@@ -68,6 +73,32 @@ def _sort_key(tensor: Tensor) -> Tensor:
     return w.float() if w.device.type == "cpu" else w
 
 
+#: below this many elements the sort is as fast as the selection
+_SELECT_MIN = 1 << 14
+
+
+def _top_k_mask(tensor: Tensor, k: int) -> Tensor:
+    """0/1 mask (tensor dtype, flat) of the ``k`` largest ``|x|``, exactly as mergekit's argsort picks them.
+
+    Fast path: the k-th largest magnitude by calm_fast's exact selection and one comparison; used only
+    when exactly ``k`` entries reach it (no tie at the k-th magnitude), where the kept set is the same
+    as the sort's.  Otherwise (ties there, non-finite values, small tensors) mergekit's full
+    ``argsort``, so ties are broken in its order."""
+    n = tensor.numel()
+    w = _sort_key(tensor)
+    if (n >= _SELECT_MIN and w.device.type == "cpu" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and bool(torch.isfinite(w).all())):
+        from ..selection import kth_smallest_abs
+
+        thr = kth_smallest_abs([tensor.detach().reshape(-1).contiguous()], None, 1, [n - k + 1])[0]
+        keep = w >= thr
+        if int(keep.sum()) == k:
+            return keep.to(tensor.dtype)
+    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
+    mask[torch.argsort(w, descending=True)[:k]] = 1
+    return mask
+
+
 def magnitude(tensor: Tensor, density: float, rescale_norm=None) -> Tensor:
     """Keep exactly ``max(1, int(density · n))`` largest-magnitude entries (see the module docstring)."""
     if density >= 1:
@@ -76,9 +107,7 @@ def magnitude(tensor: Tensor, density: float, rescale_norm=None) -> Tensor:
     if density <= 0 or n == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * n))
-    keep = torch.argsort(_sort_key(tensor), descending=True)[:k]
-    mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
-    mask[keep] = 1
+    mask = _top_k_mask(tensor, k)
     return rescaled_masked_tensor(tensor, mask.reshape(tensor.shape), rescale_norm)
 
 
@@ -104,19 +133,30 @@ def _work_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def bernoulli(tensor: Tensor, density: float, rescale_norm=None, *,
-              generator: Optional[torch.Generator] = None) -> Tensor:
+def draw_mask(probs: Tensor, key: Optional[int]) -> Tensor:
+    """A 0/1 mask (dtype of ``probs``) keeping element ``i`` with probability ``probs[i]``: calm_fast's
+    Philox draws under ``key``, or ``torch.bernoulli`` (global generator) when ``key`` is None."""
+    if key is None:
+        return torch.bernoulli(probs)
+    from ..reference import philox_uniform
+
+    index = torch.arange(probs.numel(), dtype=torch.int64, device=probs.device)
+    u = philox_uniform(index, int(key)).reshape(probs.shape)
+    return (u >= 1 - probs.float()).to(probs.dtype)
+
+
+def bernoulli(tensor: Tensor, density: float, rescale_norm=None, *, key: Optional[int] = None) -> Tensor:
     """DARE's random drop: keep each entry with probability ``density``, then rescale to the norm."""
     if density >= 1:
         return tensor
     work = _work_dtype(tensor)
     probs = torch.full(tensor.shape, float(density), dtype=work, device=tensor.device)
-    mask = torch.bernoulli(probs, generator=generator)
+    mask = draw_mask(probs, key)
     return rescaled_masked_tensor(tensor.to(work), mask, rescale_norm).to(tensor.dtype)
 
 
 def della_magprune(tensor: Tensor, density: float, epsilon: float, rescale_norm=None, *,
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+                   key: Optional[int] = None) -> Tensor:
     """DELLA's MagPrune: per-row keep probabilities rising linearly with the magnitude rank."""
     if density >= 1:
         return tensor
@@ -134,20 +174,20 @@ def della_magprune(tensor: Tensor, density: float, epsilon: float, rescale_norm=
     hi = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator).to(work)
+    mask = draw_mask(probs, key).to(work)
     return rescaled_masked_tensor(rows.to(work), mask, rescale_norm).to(tensor.dtype).reshape(shape)
 
 
 def sparsify(tensor: Tensor, density: float, method, gamma: float = 0, epsilon: float = 0, rescale_norm=None, *,
-             generator: Optional[torch.Generator] = None) -> Tensor:
+             key: Optional[int] = None) -> Tensor:
     """Dispatch on ``method`` (a name of :data:`METHODS`, or mergekit's ``SparsificationMethod``)."""
     name = getattr(method, "value", method)
     if name == "magnitude":
         return magnitude(tensor, density, rescale_norm)
     if name == "random":
-        return bernoulli(tensor, density, rescale_norm, generator=generator)
+        return bernoulli(tensor, density, rescale_norm, key=key)
     if name == "magnitude_outliers":
         return magnitude_outliers(tensor, density, rescale_norm, gamma=gamma)
     if name == "della_magprune":
-        return della_magprune(tensor, density, epsilon, rescale_norm, generator=generator)
+        return della_magprune(tensor, density, epsilon, rescale_norm, key=key)
     raise ValueError(f"unknown sparsification method {method!r}; expected one of {METHODS}")
