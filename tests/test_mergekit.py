@@ -375,7 +375,8 @@ def test_random_methods_match_mergekit_given_the_same_masks(zoo, tmp_path, monke
     from calm_fast.methods import mergekit_sparsify
 
     monkeypatch.setattr(torch, "bernoulli", _fake_bernoulli)  # mergekit's draws
-    monkeypatch.setattr(mergekit_sparsify, "draw_mask", lambda probs, key: _fake_bernoulli(probs))  # calm_fast's
+    monkeypatch.setattr(mergekit_sparsify, "draw_mask",  # calm_fast's draws
+                        lambda probs, key, density=None: _fake_bernoulli(probs))
     text = RANDOM_CASES[case]
     ref = _run_mergekit(yaml.safe_load(text), tmp_path / "mk", zoo / "llama")
     got = _run_calm(text, tmp_path / "cf", zoo / "llama")

@@ -104,7 +104,7 @@ def test_random_methods_equal_mergekit_given_the_same_mask(monkeypatch):
         return (u < probs.double()).to(probs.dtype)
 
     monkeypatch.setattr(torch, "bernoulli", fake)
-    monkeypatch.setattr(mergekit_sparsify, "draw_mask", lambda probs, key: fake(probs))
+    monkeypatch.setattr(mergekit_sparsify, "draw_mask", lambda probs, key, density=None: fake(probs))
     for name, x in _tensors().items():
         if name == "zeros":
             continue
@@ -115,3 +115,15 @@ def test_random_methods_equal_mergekit_given_the_same_mask(monkeypatch):
             assert torch.equal(shim.sparsify(x, 0.4, "della_magprune", epsilon=0.1, rescale_norm=norm),
                                mk.sparsify(x, 0.4, mk.SparsificationMethod.della_magprune, epsilon=0.1,
                                            rescale_norm=mk_norm)), name
+
+
+def test_dare_mask_is_calm_fast_s_philox_dare_mask():
+    """A keyed DARE mask is calm_fast's DARE draw: keep iff philox_uniform(key, i) >= 1 - density (reference)."""
+    from calm_fast.methods.mergekit_sparsify import draw_mask
+    from calm_fast.reference import philox_uniform
+
+    n, key = 5003, 0x1234_5678_9ABC
+    for density in (0.1, 0.5, 0.77):
+        got = draw_mask(torch.full((n,), density), key, density=density)
+        want = (philox_uniform(torch.arange(n, dtype=torch.int64), key) >= 1 - density).float()
+        assert torch.equal(got, want)

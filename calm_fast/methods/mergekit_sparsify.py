@@ -20,12 +20,13 @@ mergekit's order, so that in fp32 the results are bitwise mergekit's:
 * ``rescale_norm`` (``l1``/``l2``/``linf``): the masked tensor is rescaled to the original tensor's norm
   (skipped when either norm is below 1e-7); mergekit's DARE/DELLA use ``l1``, not ``1/density``.
 
-Randomness: mergekit draws from torch's global generator.  Here the random methods take a ``key``:
-calm_fast's counter-based Philox generator (the DARE kernels' one: element ``i`` is kept iff
-``u(key, i) >= 1 − p_i``, ``u`` on a 2^-24 grid), so a mask depends only on the key and the element's
-position — identical on CPU and GPU, for any thread count or tensor order.  ``key=None`` draws with
-``torch.bernoulli`` from torch's global generator, as mergekit does.  Same distribution and rescaling
-as mergekit, not the same draws.
+Randomness: mergekit draws from torch's global generator.  Here the random methods take a ``key``
+(:func:`draw_mask`): DARE's mask is calm_fast's own DARE mask (the fused kernel's counter-based Philox
+draw: element ``i`` kept iff ``u(key, i) >= 1 − density``, ``u`` on a 2^-24 grid; it depends only on the
+key and the element's position, for any thread count or tensor order); DELLA's per-element
+probabilities are drawn by ``torch.bernoulli`` on a generator seeded with the key.  ``key=None`` draws
+from torch's global generator, as mergekit does.  Same distribution and rescaling as mergekit, not the
+same draws.
 """
 from __future__ import annotations
 
@@ -133,16 +134,26 @@ def _work_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float32
 
 
-def draw_mask(probs: Tensor, key: Optional[int]) -> Tensor:
-    """A 0/1 mask (dtype of ``probs``) keeping element ``i`` with probability ``probs[i]``: calm_fast's
-    Philox draws under ``key``, or ``torch.bernoulli`` (global generator) when ``key`` is None."""
+def draw_mask(probs: Tensor, key: Optional[int], density: Optional[float] = None) -> Tensor:
+    """A 0/1 mask (dtype of ``probs``) keeping element ``i`` with probability ``probs[i]``.
+
+    ``key`` None: ``torch.bernoulli`` on torch's global generator (mergekit's draws).  With a key and one
+    ``density`` for every element (DARE): calm_fast's DARE mask — the fused kernel's counter-based Philox
+    draw, kept iff ``u(key, i) >= 1 − density`` (the same mask calm_fast's own DARE makes for that key).
+    With a key and per-element probabilities (DELLA): ``torch.bernoulli`` on a ``torch.Generator`` seeded
+    with the key (reproducible for a key on a given device)."""
     if key is None:
         return torch.bernoulli(probs)
-    from ..reference import philox_uniform
+    if density is not None and probs.numel() > 0 and probs.device.type == "cpu":
+        from .. import ops
 
-    index = torch.arange(probs.numel(), dtype=torch.int64, device=probs.device)
-    u = philox_uniform(index, int(key)).reshape(probs.shape)
-    return (u >= 1 - probs.float()).to(probs.dtype)
+        ones = torch.ones(probs.numel(), dtype=torch.float32)
+        keys = torch.tensor([[int(key)]], dtype=torch.int64)
+        (kept,), _ = ops.weighted_merge([ones], None, 1, weights=1.0, scale=1.0, dare_p=1.0 - float(density),
+                                        dare_keys=keys, dare_rescale=False)
+        return kept.reshape(probs.shape).to(probs.dtype)
+    g = torch.Generator(device=probs.device).manual_seed(int(key) & ((1 << 63) - 1))
+    return torch.bernoulli(probs, generator=g)
 
 
 def bernoulli(tensor: Tensor, density: float, rescale_norm=None, *, key: Optional[int] = None) -> Tensor:
@@ -151,7 +162,7 @@ def bernoulli(tensor: Tensor, density: float, rescale_norm=None, *, key: Optiona
         return tensor
     work = _work_dtype(tensor)
     probs = torch.full(tensor.shape, float(density), dtype=work, device=tensor.device)
-    mask = draw_mask(probs, key)
+    mask = draw_mask(probs, key, density=float(density))
     return rescaled_masked_tensor(tensor.to(work), mask, rescale_norm).to(tensor.dtype)
 
 
