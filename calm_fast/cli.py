@@ -22,6 +22,7 @@ are errors naming the closest valid key; every such error exits 2.  Relative pat
 model, output) are relative to the file's folder; paths given as flags are relative to the working
 directory.  Flags override the file.
 
+    format: calm-fast             # optional; without it the keys decide (see "mergekit format" below)
     merge_method: ties            # task_arithmetic|ta, ties|ties_merging, dare|dare_linear, dare_ties,
                                   # consensus|tall|consensus_ties   (alias key: method)
     base_model: path/to/base      # (alias: base)
