@@ -271,8 +271,14 @@ def test_readme_and_docstring_examples_validate():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
     assert blocks
-    for b in blocks:
-        config.validate_config(config.parse_yaml(b))
+    from calm_fast.mergekit_config import detect_format, validate_mergekit
+
+    formats = set()
+    for b in blocks:  # each example passes the schema of the format its keys select
+        data = config.parse_yaml(b)
+        formats.add(detect_format(data))
+        (validate_mergekit if detect_format(data) == "mergekit" else config.validate_config)(data)
+    assert formats == {"calm-fast", "mergekit"}
     doc = cli.__doc__.split("YAML schema")[1].split("Other commands:")[0]
     example = "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    "))
     cfg = config.validate_config(config.parse_yaml(example))
