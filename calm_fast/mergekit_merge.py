@@ -76,7 +76,7 @@ def _folder(path: str) -> Optional[Path]:
     p = Path(path)
     if p.is_dir():
         return p
-    if p.is_file() and p.name.endswith(".safetensors") or p.name.endswith(".index.json"):
+    if p.is_file() and (p.name.endswith(".safetensors") or p.name.endswith(".index.json")):
         return p.parent
     return None
 

@@ -81,19 +81,21 @@ _SELECT_MIN = 1 << 14
 def _top_k_mask(tensor: Tensor, k: int) -> Tensor:
     """0/1 mask (tensor dtype, flat) of the ``k`` largest ``|x|``, exactly as mergekit's argsort picks them.
 
-    Fast path: the k-th largest magnitude by calm_fast's exact selection and one comparison; used only
-    when exactly ``k`` entries reach it (no tie at the k-th magnitude), where the kept set is the same
-    as the sort's.  Otherwise (ties there, non-finite values, small tensors) mergekit's full
+    Fast path (fp32): the k-th largest magnitude by calm_fast's exact selection and one comparison; used
+    only when exactly ``k`` entries reach it (no tie at the k-th magnitude), where the kept set is the
+    same as the sort's.  Otherwise (ties there, NaN, half dtypes, small tensors) mergekit's full
     ``argsort``, so ties are broken in its order."""
     n = tensor.numel()
     w = _sort_key(tensor)
-    if (n >= _SELECT_MIN and w.device.type == "cpu" and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and bool(torch.isfinite(w).all())):
+    # fp32 only: with 8- or 11-bit mantissas (bf16/fp16) magnitudes tie at the k-th value almost always at
+    # these sizes, so the selection would only precede the sort
+    if n >= _SELECT_MIN and w.device.type == "cpu" and tensor.dtype == torch.float32:
         from ..selection import kth_smallest_abs
 
-        thr = kth_smallest_abs([tensor.detach().reshape(-1).contiguous()], None, 1, [n - k + 1])[0]
+        thr = float(kth_smallest_abs([tensor.detach().reshape(-1).contiguous()], None, 1, [n - k + 1])[0])
         keep = w >= thr
-        if int(keep.sum()) == k:
+        # a NaN (sorted first by argsort, never >= thr) makes the sum NaN: then the sort decides
+        if thr == thr and int(keep.sum()) == k and not bool(torch.isnan(w.sum())):
             return keep.to(tensor.dtype)
     mask = torch.zeros(n, dtype=tensor.dtype, device=tensor.device)
     mask[torch.argsort(w, descending=True)[:k]] = 1
