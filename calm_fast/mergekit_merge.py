@@ -152,7 +152,11 @@ def _resolve_params(method: str, plan: TensorPlan) -> tuple:
         p = {}
         for name, (scope, typ, default) in spec.params.items():
             if scope == "input" or (scope == "non_base" and not inp.is_base):
-                p[name] = resolve(name, typ, default, inp.blocks, inp.name, plan.t, f"{inp.model} ({inp.name})")
+                where = f"{inp.model} ({inp.name})"
+                if inp.is_base and scope == "input":
+                    where += (" — the base_model is one of this method's inputs, as in mergekit: give it a "
+                              f"'{name}' (in 'parameters' or by listing it in 'models'), or drop base_model")
+                p[name] = resolve(name, typ, default, inp.blocks, inp.name, plan.t, where)
         per_input.append(p)
     return shared, per_input
 

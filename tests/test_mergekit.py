@@ -456,6 +456,9 @@ def test_missing_weight_and_method_contracts_are_clear_errors(zoo, tmp_path):
         _run_calm("merge_method: passthrough\nbase_model: base\nmodels: [m1]\n", tmp_path / "o3", wd)
     with pytest.raises(ConfigError, match="at least two models"):
         _run_calm("merge_method: model_stock\nbase_model: base\nmodels: [m1]\n", tmp_path / "o4", wd)
+    with pytest.raises(ConfigError, match="base_model is one of this method's inputs"):
+        _run_calm("merge_method: linear\nbase_model: base\nmodels: [{model: m1, parameters: {weight: 1.0}}]\n",
+                  tmp_path / "o5", wd)
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())  # nothing written
 
 
