@@ -448,6 +448,9 @@ def run_mergekit_cli(args) -> int:
     if given:
         raise ConfigError(f"{args.config} is a mergekit-format config: it defines the merge, so {', '.join(given)} "
                           "cannot be combined with it (edit the file, or write a calm-fast config)")
+    if getattr(args, "memory_budget", None) is not None:
+        print("calm-fast: note: --memory-budget does not apply to a mergekit-format merge (it holds one output "
+              "tensor's inputs at a time)", file=sys.stderr)
     cfg, text = load_mergekit_config(args.config)
     output = args.out or cfg.output
     if not output and not args.dry_run:

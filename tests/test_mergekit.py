@@ -515,3 +515,25 @@ def test_calm_fast_format_config_json_dtype_follows_out_dtype(zoo, tmp_path, cap
     assert conf["dtype"] == "bfloat16"
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype="auto")
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_linear_as_a_calm_fast_flag_points_to_the_mergekit_format(zoo, tmp_path, capsys):
+    """`--method linear` without a base: the error is about the format, not "no base model"."""
+    wd = zoo / "llama"
+    rc, _, err = _cli(["merge", "-m", "linear", "--model", str(wd / "m1"), "--model", str(wd / "m2"),
+                       "-o", str(tmp_path / "o")], capsys)
+    assert rc == cli.EXIT_USAGE and "mergekit-format config" in err and "no base model" not in err
+
+
+def test_tokenizer_source_with_a_different_vocabulary_is_refused(zoo, tmp_path):
+    wd = tmp_path / "w"
+    shutil.copytree(zoo / "llama", wd)
+    tj = json.loads((wd / "m2" / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    vocab["zz"] = vocab.pop("t7")  # one token renamed: another vocabulary
+    (wd / "m2" / "tokenizer.json").write_text(json.dumps(tj))
+    text = ("merge_method: task_arithmetic\nbase_model: base\ntokenizer_source: base\n"
+            "models: [{model: m1, parameters: {weight: 0.5}}, {model: m2, parameters: {weight: 0.5}}]\n")
+    with pytest.raises(ConfigError, match="different vocabulary"):
+        _run_calm(text, tmp_path / "o", wd)
+    assert not (tmp_path / "o").exists()
