@@ -498,3 +498,11 @@ def refuse_mergekit_method(method: str) -> None:
                           "and run calm-fast merge --config FILE")
     if m in UNSUPPORTED_METHODS:
         raise ConfigError(f"mergekit's merge method '{method}' is not supported by calm-fast")
+
+
+def is_ambiguous(data: Any) -> bool:
+    """True for a config read as mergekit's only because it has no key of either format alone (rule 4)."""
+    if not isinstance(data, Mapping) or data.get(FORMAT_KEY) is not None:
+        return False
+    mk, cf = _markers(data)
+    return not mk and not cf

@@ -452,6 +452,13 @@ def run_mergekit_cli(args) -> int:
         print("calm-fast: note: --memory-budget does not apply to a mergekit-format merge (it holds one output "
               "tensor's inputs at a time)", file=sys.stderr)
     cfg, text = load_mergekit_config(args.config)
+    from .config import parse_yaml
+    from .mergekit_config import is_ambiguous
+
+    if is_ambiguous(parse_yaml(text, str(args.config))) and not args.quiet:
+        print(f"calm-fast: note: {args.config} has only keys mergekit and calm-fast share: it is read as a mergekit "
+              "config, with mergekit's semantics (lambda 1, per-tensor trim, ...); add 'format: calm-fast' for "
+              "calm-fast's own", file=sys.stderr)
     output = args.out or cfg.output
     if not output and not args.dry_run:
         raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")

@@ -501,6 +501,7 @@ def test_cli_refuses_calm_fast_method_flags_with_a_mergekit_config(zoo, tmp_path
     assert rc == cli.EXIT_USAGE and "--scaling" in err and "mergekit-format" in err
     rc, out, err = _cli(["merge", "-c", str(cfg), "--dry-run"], capsys)
     assert rc == 0 and "mergekit-format merge: method ties" in out
+    assert "format: calm-fast" in err  # an ambiguous file is read as mergekit's, never silently
     assert not (tmp_path / "o").exists()
 
 
