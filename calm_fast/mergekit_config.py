@@ -87,8 +87,6 @@ def _markers(data: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
     for k in CALM_ONLY_KEYS:
         if k in data:
             cf.append(k)
-    if "out_dtype" in data and "dtype" not in data:
-        pass  # mergekit has out_dtype too: not a marker either way
     return mk, cf
 
 
@@ -248,10 +246,9 @@ def validate_mergekit(data: Mapping[str, Any], where: str = "config") -> Mergeki
         raise ConfigError(f"{where}: '{'models' if cfg.models is not None else 'slices'}' is empty")
     if not all(s.sources for s in cfg.slices or []):
         raise ConfigError(f"{where}: every slice needs at least one source")
-    if cfg.tokenizer_source not in (None, "base") and cfg.tokenizer_source is not None:
-        if cfg.tokenizer_source == "union":
-            raise ConfigError(f"{where}: tokenizer_source: union (vocabulary merging) is not supported by calm-fast; "
-                              "use tokenizer_source: base or a model whose tokenizer all models share")
+    if cfg.tokenizer_source == "union":
+        raise ConfigError(f"{where}: tokenizer_source: union (vocabulary merging) is not supported by calm-fast; "
+                          "use tokenizer_source: base or a model whose tokenizer all models share")
     for s in cfg.slices or []:
         if s.residual_weight is not None:
             raise ConfigError(f"{where}: slices[].residual_weight is not supported by calm-fast")
@@ -461,7 +458,8 @@ def plan_tensors(cfg: MergekitConfig, names: Sequence[str], num_layers: Mapping[
     pre = [nm for nm in names if layer_of(nm) is None and is_pre_layer(nm)]
     post = [nm for nm in names if layer_of(nm) is None and not is_pre_layer(nm)]
     for name in pre:
-        plans.append(TensorPlan(name, slice_inputs(slices[0], lambda src, n=name: n), 0.0, (slices[0].parameters, glob)))
+        plans.append(TensorPlan(name, slice_inputs(slices[0], lambda src, n=name: n), 0.0,
+                                (slices[0].parameters, glob)))
     out_layer = 0
     for s in slices:
         count = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]

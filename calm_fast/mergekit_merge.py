@@ -22,11 +22,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .io.errors import CheckpointError, ConfigError, MismatchError
+from .io.errors import ConfigError, MismatchError
 from .io.formats import DTYPE_ALIASES, Checkpoint, format_bytes, is_lora_adapter, open_checkpoint
 from .io.publish import AtomicOutput
 from .io.writer import OutputSpec, SafetensorsWriter
@@ -313,7 +313,8 @@ def merge_mergekit(cfg: MergekitConfig, output: Optional[str] = None, *, out_dty
             specs.append(OutputSpec(plan.name, tuple(infos[0].shape), dt))
         result = MergekitResult(method=method, plans=plans, seed=seed)
         if METHODS[method].random:
-            result.notes.append(f"random masks drawn with calm-fast's Philox generator (seed {seed}); mergekit's global-RNG "
+            result.notes.append(f"random masks drawn with calm-fast's Philox generator (seed {seed}); "
+                                "mergekit's global-RNG "
                                 "draws differ, the statistics are the same")
         result.timings["plan"] = time.perf_counter() - t0
         if dry_run:

@@ -22,7 +22,7 @@ mergekit's global-RNG draws; the distribution and the rescaling are mergekit's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
