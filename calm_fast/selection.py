@@ -322,6 +322,32 @@ def topk_fraction_to_k(n: int, density: float) -> int:
     return n - math.floor(density * n)
 
 
+#: rank returned by :func:`exact_k_rank` when nothing is kept (``floor(density * n) == 0``)
+KEEP_NONE_RANK = -1
+
+
+def exact_k_rank(n: int, density: float) -> int:
+    """Per-tensor rank of PEFT's ``magnitude_prune`` / mergekit's ``magnitude``: keep exactly
+    ``k = floor(density * n)`` entries, so the threshold is the k-th *largest* |x|, i.e. the
+    ``(n - k + 1)``-th smallest (one more than :func:`topk_fraction_to_k`, which keeps ``k + 1``).
+
+    Returns 0 for density >= 1 (no trim: threshold 0) and :data:`KEEP_NONE_RANK` when ``k == 0`` (PEFT's
+    ``topk(k=0)`` keeps nothing; the caller sets the threshold to +inf).  Without exact ties at the
+    k-th largest magnitude the kept set is exactly the top k, as ``torch.topk`` / ``torch.argsort`` give
+    it; with ties there, every tied entry is kept (those libraries keep k of them, chosen by the
+    internal order of their sort, which torch does not specify and which changes with size, device
+    and build).
+    """
+    import math
+
+    if not (0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if density >= 1.0:
+        return 0
+    k = math.floor(density * n)
+    return KEEP_NONE_RANK if k == 0 else n - k + 1
+
+
 def strict_topk_to_k(n: int, fraction: float) -> int:
     """P2 rank (CALM / Localize-and-Stitch): ``k = int(fraction * n)`` largest; the threshold is the
     k-th largest = ``(n - k + 1)``-th smallest |x| and the kept set is ``|x| > threshold`` (ties dropped:

@@ -1365,11 +1365,12 @@ class _Engine:
                     split.setdefault(p.plan.name, []).append(p)
         if not split or all(d >= 1.0 for d in dens):
             return {}
-        finders = {}
+        finders, keep_none = {}, {}
         for name, pieces in split.items():
             n = pieces[0].plan.numel
-            finders[name] = selection.ThresholdFinder(self.T, [selection.topk_fraction_to_k(n, d) if d < 1.0 else 0
-                                                               for d in dens],
+            ranks = [selection.exact_k_rank(n, d) for d in dens]  # PEFT/mergekit: exactly floor(d*n) kept
+            keep_none[name] = [t for t, r in enumerate(ranks) if r == selection.KEEP_NONE_RANK]
+            finders[name] = selection.ThresholdFinder(self.T, [n if r == selection.KEEP_NONE_RANK else r for r in ranks],
                                                       dare_p=self.dare_p, dare_rescale=self.rescale)
         groups = [[p] for pieces in split.values() for p in pieces]
 
@@ -1383,7 +1384,12 @@ class _Engine:
         for f in finders.values():
             f.next_level()
         self._pass("per-tensor thresholds of split tensors (exact)", groups, add)
-        return {name: f.thresholds() for name, f in finders.items()}
+        out = {}
+        for name, f in finders.items():
+            thr = f.thresholds().clone()
+            thr[keep_none[name]] = float("inf")  # k == 0: nothing kept
+            out[name] = thr
+        return out
 
     def _thresholds_for(self, loaded: _Loaded, dens: List[float], mode: str, global_thr: Optional[Tensor],
                         split_thr: Dict[str, Tensor]) -> Tensor:
@@ -1402,11 +1408,15 @@ class _Engine:
             n = piece.numel
             if n == 0:
                 continue
-            ks = [selection.topk_fraction_to_k(n, d) if d < 1.0 else 0 for d in dens]
+            ranks = [selection.exact_k_rank(n, d) for d in dens]  # PEFT/mergekit: exactly floor(d*n) kept
+            ks = [n if r == selection.KEEP_NONE_RANK else r for r in ranks]
             sub = [loaded.models[t][j] for t in range(self.T)]
             table[:, j] = selection.kth_smallest_abs(sub, [loaded.base[j]], self.T, ks, dare_p=self.dare_p,
                                                      dare_keys=dk[:, [j]].contiguous() if dk is not None else None,
                                                      dare_rescale=self.rescale, method=PER_TENSOR_SELECT)
+            for t, r in enumerate(ranks):
+                if r == selection.KEEP_NONE_RANK:
+                    table[t, j] = float("inf")  # k == 0: nothing kept
         self.timer.add("select", time.perf_counter() - t0)
         return table
 

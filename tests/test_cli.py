@@ -119,8 +119,10 @@ def test_exit_codes(tmp_path, models, capsys):
     common = ["--model", mp[0], "--model", mp[1], "-o", str(tmp_path / "o")]
     rc, _, err = run(["merge", "--base", str(tmp_path / "nope"), "-m", "ta"] + common, capsys)
     assert rc == cli.EXIT_INPUT and "nope" in err
-    rc, _, err = run(["merge", "--base", bp, "-m", "slerp"] + common, capsys)
+    rc, _, err = run(["merge", "--base", bp, "-m", "frankenmerge"] + common, capsys)
     assert rc == cli.EXIT_USAGE and "unknown merge method" in err
+    rc, _, err = run(["merge", "--base", bp, "-m", "slerp"] + common, capsys)  # mergekit's: only in its format
+    assert rc == cli.EXIT_USAGE and "mergekit-format config" in err
     rc, _, err = run(["merge", "--base", bp, "-m", "ta", "--model", mp[0]], capsys)
     assert rc == cli.EXIT_USAGE and "no output" in err
     rc, _, err = run(["merge", "--base", bp, "-m", "ta", "--merge", "median"] + common, capsys)

@@ -41,7 +41,9 @@ def run(argv, capsys):
 
 
 def write_cfg(folder, extra, name="merge.yaml", text=None):
-    cfg = {"merge_method": "ties", "base_model": "base", "models": ["ft0", "ft1"], "output": "out"}
+    # calm-fast's own format (a config with only mergekit's keys is read with mergekit's semantics)
+    cfg = {"format": "calm-fast", "merge_method": "ties", "base_model": "base", "models": ["ft0", "ft1"],
+           "output": "out"}
     cfg.update(extra)
     p = folder / name
     p.write_text(text if text is not None else yaml.safe_dump(cfg))
@@ -270,12 +272,16 @@ def test_readme_and_docstring_examples_validate():
     blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
     assert blocks
     from calm_fast import cli_methods
+    from calm_fast.mergekit_config import detect_format, validate_mergekit
 
-    for b in blocks:
+    formats = set()
+    for b in blocks:  # each example passes the schema of the format its keys select
         data = config.parse_yaml(b)
         if cli_methods.handles(data.get("merge_method")):
-            continue  # calm / doge_ta have their own schema (checked in tests/test_cli_calm.py)
-        config.validate_config(data)
+            continue  # calm / doge_ta / AdaMerging have their own schema (checked in tests/test_cli_calm.py)
+        formats.add(detect_format(data))
+        (validate_mergekit if detect_format(data) == "mergekit" else config.validate_config)(data)
+    assert formats == {"calm-fast", "mergekit"}
     doc = cli.__doc__.split("YAML schema")[1].split("Other commands:")[0]
     example = "\n".join(line[4:] for line in doc.splitlines() if line.startswith("    "))
     cfg = config.validate_config(config.parse_yaml(example))

@@ -185,13 +185,16 @@ def _dropped(pre, fts, p, seed, rescale):
 
 
 def _ties_oracle(pre, taus, density, scaling, mode):
-    """TIES (sum) on the dropped vectors: P1 trim, sign of the sum (0 -> +1 per tensor, -> the global
+    """TIES (sum) on the dropped vectors: P1 trim (global) or exact-k trim (per tensor), sign of the sum (0 -> +1 per tensor, -> the global
     majority in global mode), disjoint sum, theta0 + lambda * tau_m; fp32, tasks summed in order."""
     keys = sorted(pre)
     T = len(taus)
 
     def threshold(v):
         n = v.numel()
+        if mode == "per_tensor":  # PEFT/mergekit: exactly floor(d*n) kept -> the floor(d*n)-th largest
+            kept = math.floor(density * n)
+            return torch.kthvalue(v.abs(), n - kept + 1).values if kept > 0 else torch.tensor(float("inf"))
         k = n - math.floor(density * n)
         return torch.kthvalue(v.abs(), k).values if k > 0 else torch.tensor(0.0)
 

@@ -93,7 +93,7 @@ def test_yaml_gradient_weights(gen, tmp_path):
     for i, f in enumerate(fts):
         save_state_dict(f, tmp_path / f"ft{i}")
     specs = [(0.0, 1.0, 0.5), (2.0, 0.0, 0.0, 0.0, 4.0), (1.0, 3.0, -1.0, 2.0)]
-    cfg = {"merge_method": "task_arithmetic", "base_model": "base",
+    cfg = {"format": "calm-fast", "merge_method": "task_arithmetic", "base_model": "base",
            "models": [{"model": "ft0", "parameters": {"weight": list(specs[0])}},
                       {"model": "ft1", "parameters": {"weight": list(specs[1])}},
                       "ft2"],  # takes the default weight spec below
@@ -113,7 +113,7 @@ def _merge_kwargs(tmp_path, cfg):
     return cli.build_merge_kwargs(args)
 
 
-YAML_TIES = {"merge_method": "ties", "base_model": "base",
+YAML_TIES = {"format": "calm-fast", "merge_method": "ties", "base_model": "base",
              "models": [{"model": "ft0", "parameters": {"weight": 2.0, "density": 0.4}},
                         {"model": "ft1", "parameters": {"density": 0.8}},
                         {"model": "ft2", "parameters": {"weight": 0.25}}],

@@ -89,7 +89,11 @@ def test_ties_per_tensor_mode(models):
     got = calm_fast.ties_merging(base, fts, density=0.3, merge="mean", scaling=1.0, mode="per_tensor")
     for k in ["blocks.0.attn.weight", "blocks.1.mlp.weight"]:
         V = torch.stack([ft[k].float().reshape(-1) - base[k].float().reshape(-1) for ft in fts])
-        V = V * R.topk_values_mask_reference(V, 0.3)
+        # PEFT's magnitude_prune per task and tensor: exactly k = int(0.3 n) entries by torch.topk
+        kept = int(0.3 * V.shape[1])
+        mask = torch.zeros_like(V)
+        mask.scatter_(1, V.abs().topk(kept, dim=1).indices, 1.0)
+        V = V * mask
         s = V.sum(0)
         g = torch.where(s >= 0, 1.0, -1.0)  # PEFT/mergekit: zero -> +1
         keep = torch.where(g > 0, V > 0, V < 0)

@@ -273,12 +273,16 @@ def test_per_tensor_ties_thresholds_unchanged(gen, dare_p):
     prep = prepare(base, fts, method="ties_merging")
     keys = ops.dare_keys(5, prep.keys, prep.T) if dare_p else None
     got = ties._thresholds(prep, 0.2, "per_tensor", dare_p, keys, True)
-    ks = torch.tensor([[selection.topk_fraction_to_k(prep.inputs[l].numel(), 0.2) for l in range(prep.L)]] * prep.T)
+    # per tensor = PEFT/mergekit: exactly floor(0.2 n) kept, so the floor(0.2 n)-th largest; none kept -> inf
+    ranks = [selection.exact_k_rank(prep.inputs[l].numel(), 0.2) for l in range(prep.L)]
     want = torch.zeros(prep.T, prep.L)
     for l in range(prep.L):  # one dtype per call: tensor by tensor
+        if ranks[l] == selection.KEEP_NONE_RANK:
+            want[:, l] = float("inf")
+            continue
         sub = [prep.inputs[t * prep.L + l] for t in range(prep.T)]
         dk = keys[:, [l]].contiguous() if keys is not None else None
-        want[:, l] = selection.kth_smallest_abs(sub, [prep.base[l]], prep.T, ks[:, l].tolist(), dare_p=dare_p,
+        want[:, l] = selection.kth_smallest_abs(sub, [prep.base[l]], prep.T, [ranks[l]] * prep.T, dare_p=dare_p,
                                                 dare_keys=dk)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 

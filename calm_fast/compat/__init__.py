@@ -7,9 +7,11 @@ running on calm_fast's exact fused ops.  Change one import to speed up an existi
 * :mod:`calm_fast.compat.peft` — PEFT ``merge_utils`` (``prune``, ``ties``, ``dare_linear``, ``dare_ties``,
   ``magnitude_prune``, ``task_arithmetic``, ...).
 * :mod:`calm_fast.compat.task_vectors` — mlfoundations/task_vectors ``TaskVector``.
+* :mod:`calm_fast.compat.mergekit` — mergekit's ``sparsify`` (``magnitude``, ``magnitude_outliers``,
+  ``bernoulli``, ``della_magprune``, ``rescaled_masked_tensor``).
 
 Each module's docstring lists its semantic decisions and every deliberate deviation from the peer.
 """
-from . import peft, task_vectors, ties_merging
+from . import mergekit, peft, task_vectors, ties_merging
 
-__all__ = ["ties_merging", "peft", "task_vectors"]
+__all__ = ["ties_merging", "peft", "task_vectors", "mergekit"]

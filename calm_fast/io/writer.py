@@ -441,8 +441,11 @@ def copy_aux_files(src_folder: Union[str, os.PathLike], out: Union[AtomicOutput,
         if name == "config.json" and out_dtype is not None:
             try:
                 cfg = json.loads(data)
-                if isinstance(cfg, dict) and "torch_dtype" in cfg:
-                    cfg["torch_dtype"] = str(out_dtype).replace("torch.", "")
+                # transformers >= 5 writes and reads "dtype", older versions "torch_dtype": set what is there
+                keys = [k for k in ("dtype", "torch_dtype") if isinstance(cfg, dict) and k in cfg]
+                if keys:
+                    for k in keys:
+                        cfg[k] = str(out_dtype).replace("torch.", "")
                     data = (json.dumps(cfg, indent=2) + "\n").encode()
             except (json.JSONDecodeError, UnicodeDecodeError):
                 pass

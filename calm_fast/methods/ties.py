@@ -31,11 +31,18 @@ def _thresholds(prep: Prepared, density: float, mode: str, dare_p: float, dare_k
         thr = selection.kth_smallest_abs(prep.inputs, prep.base, T, [k] * T, dare_p=dare_p, dare_keys=dare_keys,
                                          dare_rescale=rescale, groups=prep.groups)
         return thr[:, None].expand(T, L).contiguous()
-    # Per tensor: every (task, tensor) threshold in one selection call per dtype group (no Python per tensor).
-    ks = torch.tensor([[selection.topk_fraction_to_k(prep.inputs[l].numel(), density) if prep.inputs[l].numel() else 0
-                        for l in range(L)]] * T, dtype=torch.int64).reshape(T, L)
-    return selection.kth_smallest_abs_per_tensor(prep.inputs, prep.base, T, ks, dare_p=dare_p, dare_keys=dare_keys,
-                                                 dare_rescale=rescale, groups=prep.groups)
+    # Per tensor (PEFT/mergekit): exactly floor(density * n) kept per tensor (exact_k_rank), every (task,
+    # tensor) threshold in one selection call per dtype group (no Python per tensor).
+    ranks = [selection.exact_k_rank(prep.inputs[l].numel(), density) if prep.inputs[l].numel() else 0
+             for l in range(L)]
+    none = [l for l, r in enumerate(ranks) if r == selection.KEEP_NONE_RANK]
+    ks = torch.tensor([[prep.inputs[l].numel() if l in none else r for l, r in enumerate(ranks)]] * T,
+                      dtype=torch.int64).reshape(T, L)
+    thr = selection.kth_smallest_abs_per_tensor(prep.inputs, prep.base, T, ks, dare_p=dare_p, dare_keys=dare_keys,
+                                                dare_rescale=rescale, groups=prep.groups)
+    if none:
+        thr[:, none] = float("inf")  # k == 0: nothing kept
+    return thr
 
 
 def _patch(outputs: List[torch.Tensor], numels: List[int], positions: torch.Tensor, patch: torch.Tensor,
@@ -111,8 +118,11 @@ def ties_merging(pretrained: Optional[StateDict], finetuned: Sequence[StateDict]
         scaling: λ applied to the merged task vector (default 0.3 as FusionBench/AdaMerging).
         mode: 'global' (default; the paper's and FusionBench's semantics: one threshold per task over the
             whole flattened model in sorted-key order, and elements whose trimmed values cancel exactly
-            take the *global* majority sign of all elected signs), or 'per_tensor' (mergekit/PEFT style:
-            a threshold per task and tensor, and a zero elected sign resolves to +1).
+            take the *global* majority sign of all elected signs), or 'per_tensor' (PEFT ``magnitude_prune`` /
+            mergekit style: exactly ``floor(density·n)`` entries kept per task and tensor — the threshold is
+            the k-th largest ``|τ|``, nothing is kept when k = 0 — and a zero elected sign resolves to +1;
+            with exact ties at the k-th magnitude every tied entry is kept, where torch.topk/argsort keep k
+            of them in their unspecified internal order).
         weights: optional per-task (or [T, L], or key -> T numbers) multipliers applied to the trimmed
             values before the election (PEFT's weighted TIES); default 1.
         task_vectors, include, exclude, out_dtype, nonfinite: as in :func:`task_arithmetic`.
