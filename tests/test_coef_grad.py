@@ -187,6 +187,20 @@ def test_flat_buffer_grad_views(gen):
     assert_same(ops.coef_grad(nc, inputs, base, T), exact_table(nc, inputs, base, T), "non-contiguous")
 
 
+def test_none_grads_give_zero_columns(gen):
+    """A None gradient (a tensor the loss does not reach) gives an exact 0 column; the others are unchanged."""
+    T = 3
+    sizes = [40, 1025, 7, 300]
+    grads, inputs, base = make_case(gen, T, sizes, torch.bfloat16, True)
+    thr = thresholds_for(inputs, base, T)
+    masks = random_masks(gen, inputs, packed=True)
+    full = ops.coef_grad(grads, inputs, base, T, thresholds=thr, masks=masks)
+    partial = ops.coef_grad([grads[0], None, grads[2], None], inputs, base, T, thresholds=thr, masks=masks)
+    assert_same(partial[:, [0, 2]], full[:, [0, 2]], "kept columns")
+    assert_same(partial[:, [1, 3]], torch.zeros(T, 2), "None columns")
+    assert_same(ops.coef_grad([None] * 4, inputs, base, T), torch.zeros(T, 4), "all None")
+
+
 # ------------------------------------------------------------------------------------------------
 # Float64 reference and autograd
 # ------------------------------------------------------------------------------------------------
