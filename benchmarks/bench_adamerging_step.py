@@ -16,8 +16,8 @@ dLoss/dlambda[t, l] = <dLoss/dtheta_l, tau_{t,l}>.  Measured in one run, on the 
           fly) and ops.coef_grad(grads, finetuned, base, T) (one pass, all (t, l) at once).
 
 Both get the same dLoss/dtheta (random, fixed); the torch path is timed first, then its data is freed and
-the fused path's built from the same seed (one path's inputs resident at a time).  The two results are compared (max relative difference of
-lambda.grad and of theta, reported in the JSON).  Bandwidth: bytes each fused op must move (merge: (T + 1)
+the fused path's built from the same seed (one path's inputs resident at a time).  The two results are
+compared (max relative difference of lambda.grad and of theta, reported in the JSON).  Bandwidth: bytes each fused op must move (merge: (T + 1)
 N b read + N b written; coef_grad: (T + 1) N b + N 4 read) over its time, against the machine's copy
 bandwidth measured in the same run, and against torch's own streaming read (a sum over the same T N
 inputs) at the same thread count.  The machine's load (uptime) is recorded before and after.
