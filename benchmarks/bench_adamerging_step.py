@@ -15,10 +15,12 @@ dLoss/dlambda[t, l] = <dLoss/dtheta_l, tau_{t,l}>.  Measured in one run, on the 
   fused   calm_fast: ops.weighted_merge(finetuned, base, T, lambda) (one pass, tau = finetuned - base on the
           fly) and ops.coef_grad(grads, finetuned, base, T) (one pass, all (t, l) at once).
 
-Both get the same dLoss/dtheta (random, fixed).  The two results are compared (max relative difference of
-lambda.grad and of theta, reported in the JSON).  Bandwidth: bytes each fused op must move (merge: (T + 1)
+Both get the same dLoss/dtheta (random, fixed); the torch path is timed first, then its data is freed and
+the fused path's built from the same seed (one path's inputs resident at a time).  The two results are
+compared (max relative difference of lambda.grad and of theta, reported in the JSON).  Bandwidth: bytes each fused op must move (merge: (T + 1)
 N b read + N b written; coef_grad: (T + 1) N b + N 4 read) over its time, against the machine's copy
-bandwidth measured in the same run.  The machine's load (uptime) is recorded before and after.
+bandwidth measured in the same run, and against torch's own streaming read (a sum over the same T N
+inputs) at the same thread count.  The machine's load (uptime) is recorded before and after.
 Results: benchmarks/results/adamerging_step_<device>_<dtype>.json and a markdown table on stdout.
 """
 from __future__ import annotations
@@ -51,24 +53,29 @@ def uptime() -> str:
         return "?"
 
 
-def make_data(shapes, T: int, dtype, device: str, seed: int = 0):
-    """theta0, task vectors tau_t (the torch path's parameters), fine-tuned weights theta0 + tau_t (the fused
-    path's inputs: same values, tau recomputed on the fly), dLoss/dtheta and lambda [T, L]."""
+def make_data(shapes, T: int, dtype, device: str, path: str, seed: int = 0):
+    """(theta0, per-task inputs, dLoss/dtheta, lambda [T, L]) of one path, the same values for both.
+
+    path "torch": inputs[t][l] are the task vectors tau_{t,l} (the official code's parameters); path "fused":
+    the flat task-major list of fine-tuned weights theta0 + tau (tau is recomputed on the fly, and the torch
+    path's tau is exactly that fp32 difference).  Only one path's data is resident at a time (the machine
+    holds 2 x (T + 1) N values only with room to spare: 88M fp32 x 8 tasks is 2.8 GB per copy)."""
     g = torch.Generator().manual_seed(seed)
     L = len(shapes)
-    base = [torch.randn(sh, generator=g).to(dtype).to(device) for sh in shapes]
-    taus, finetuned = [], []
+    base = [torch.randn(sh, generator=g).to(dtype) for sh in shapes]
+    per_task = []
     for t in range(T):
         row = []
         for l, sh in enumerate(shapes):
-            tau = (torch.randn(sh, generator=g) * 1e-2).to(dtype).to(device)
-            ft = (base[l].float() + tau.float()).to(dtype)
-            row.append((ft.float() - base[l].float()).to(dtype))  # the tau the fused path sees, exactly
-            finetuned.append(ft)
-        taus.append(row)
+            ft = (base[l].float() + torch.randn(sh, generator=g) * 1e-2).to(dtype)
+            row.append(ft if path == "fused" else (ft.float() - base[l].float()).to(dtype))
+        per_task.append([x.to(device) for x in row])
+        del row
     grads = [(torch.randn(sh, generator=g) * 1e-3).to(device) for sh in shapes]
     lam = (0.3 + 0.01 * torch.randn(T, L, generator=g)).to(device)
-    return base, taus, finetuned, grads, lam
+    base = [x.to(device) for x in base]
+    inputs = per_task if path == "torch" else [x for row in per_task for x in row]
+    return base, inputs, grads, lam
 
 
 def torch_step(base, taus, grads, lam):
@@ -111,39 +118,52 @@ def run(args) -> dict:
     out = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "info": machine_info(device),
            "platform": platform.platform(), "N": N, "L": L, "T": T, "dtype": args.dtype,
            "load_before": uptime()}
-    base, taus, finetuned, grads, lam = make_data(shapes, T, dtype, device)
     out["copy_GBps"] = copy_bandwidth(device)
-
-    # agreement of the two paths (same data): merged weights and lambda.grad
-    merged_t, lg_t = torch_step(base, taus, grads, lam)
-    merged_f = fused_merge(finetuned, base, lam)
-    lg_f = fused_coef_grad(grads, finetuned, base, T)
-    out["max_rel_diff_theta"] = max_rel(merged_f, [m.detach() for m in merged_t])
-    out["max_rel_diff_lambda_grad"] = max_rel([lg_f], [lg_t])
-    del merged_t, lg_t, merged_f, lg_f
-    gc.collect()
-
     b = torch.empty((), dtype=dtype).element_size()
     merge_bytes = (T + 1) * N * b + N * b
     coef_bytes = (T + 1) * N * b + N * 4
+    runs = {th: {"threads": th} for th in args.threads}
+
+    # plain torch (the official code's style), then the fused ops, one path's data resident at a time
+    base, taus, grads, lam = make_data(shapes, T, dtype, device, "torch")
+    merged_t, lg_t = torch_step(base, taus, grads, lam)
+    merged_t = [m.detach() for m in merged_t]
+    for th in args.threads:
+        torch.set_num_threads(th)
+        gc.collect()
+        runs[th]["load_torch"] = uptime()
+        runs[th]["torch_step"] = timeit(lambda: torch_step(base, taus, grads, lam), device, args.reps)
+    del base, taus, grads, lam
+    gc.collect()
+
+    base, finetuned, grads, lam = make_data(shapes, T, dtype, device, "fused")
+    # agreement of the two paths (same values): merged weights and lambda.grad
+    out["max_rel_diff_theta"] = max_rel(fused_merge(finetuned, base, lam), merged_t)
+    out["max_rel_diff_lambda_grad"] = max_rel([fused_coef_grad(grads, finetuned, base, T)], [lg_t])
+    del merged_t
+    gc.collect()
     out["runs"] = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
+    for th in args.threads:
+        torch.set_num_threads(th)
         gc.collect()
-        load = uptime()
-        t_torch = timeit(lambda: torch_step(base, taus, grads, lam), device, args.reps)
-        gc.collect()
+        r = runs[th]
+        r["load_fused"] = uptime()
         t_merge = timeit(lambda: fused_merge(finetuned, base, lam), device, args.reps)
         t_coef = timeit(lambda: fused_coef_grad(grads, finetuned, base, T), device, args.reps)
+        # streaming-read reference on the same inputs: torch's sum over the T N fine-tuned values
+        t_read = timeit(lambda: [x.sum() for x in finetuned], device, args.reps)
+        r["read_GBps"] = T * N * b / t_read / 1e9
+        t_torch = r.pop("torch_step")
         fused = t_merge + t_coef
         gbps = {"fused_merge": merge_bytes / t_merge / 1e9, "fused_coef_grad": coef_bytes / t_coef / 1e9}
-        out["runs"].append({
-            "threads": threads, "load_before": load, "load_after": uptime(),
+        r.update({
             "seconds": {"torch_step": t_torch, "fused_step": fused, "fused_merge": t_merge, "fused_coef_grad": t_coef,
                         "first_call": {"torch_step": t_torch.first, "fused_merge": t_merge.first,
                                        "fused_coef_grad": t_coef.first}},
             "speedup": t_torch / fused, "GBps": gbps,
-            "pct_of_copy": {k: 100 * v / out["copy_GBps"] for k, v in gbps.items()}})
+            "pct_of_copy": {k: 100 * v / out["copy_GBps"] for k, v in gbps.items()},
+            "pct_of_read": {k: 100 * v / r["read_GBps"] for k, v in gbps.items()}})
+        out["runs"].append(r)
     out["load_after"] = uptime()
     return out
 
@@ -152,13 +172,14 @@ def to_markdown(r: dict) -> str:
     lines = [f"AdaMerging step, N = {r['N']:,} ({r['L']} tensors), T = {r['T']}, {r['dtype']}, "
              f"{r['info']['device']}; copy bandwidth {r['copy_GBps']:.1f} GB/s", "",
              "| threads | plain torch (s) | calm_fast merge + coef_grad (s) | speed-up | weighted_merge s (GB/s, % of copy) "
-             "| coef_grad s (GB/s, % of copy) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| coef_grad s (GB/s, % of copy) | torch.sum read GB/s (coef_grad % of it) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in r["runs"]:
         s, g, p = run["seconds"], run["GBps"], run["pct_of_copy"]
         lines.append(f"| {run['threads']} | {s['torch_step']:.3f} | {s['fused_step']:.3f} | {run['speedup']:.1f}x | "
                      f"{s['fused_merge']:.3f} ({g['fused_merge']:.1f}, {p['fused_merge']:.0f}%) | "
-                     f"{s['fused_coef_grad']:.3f} ({g['fused_coef_grad']:.1f}, {p['fused_coef_grad']:.0f}%) |")
+                     f"{s['fused_coef_grad']:.3f} ({g['fused_coef_grad']:.1f}, {p['fused_coef_grad']:.0f}%) | "
+                     f"{run['read_GBps']:.1f} ({run['pct_of_read']['fused_coef_grad']:.0f}%) |")
     lines += ["", f"max relative difference torch vs fused: theta {r['max_rel_diff_theta']:.1e}, "
               f"dL/dlambda {r['max_rel_diff_lambda_grad']:.1e}",
               f"load: {r['load_before']} -> {r['load_after']}"]

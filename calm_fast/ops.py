@@ -193,7 +193,8 @@ def coef_grad(
     from the magnitude trim ``|tau| >= thresholds[t, l]`` (``>`` when strict) and the bool or bit-packed
     masks; no DARE).  ``grads`` holds ``L`` tensors of float32 or the inputs' dtype (one dtype for the list),
     ``grads[l]`` with the number of elements of tensor ``l`` (any shape: views into one flat gradient buffer
-    are read in place; non-contiguous ones are copied).
+    are read in place; non-contiguous ones are copied), or ``None`` for a tensor the loss does not reach
+    (autograd's ``None`` gradient): that column of the result is exactly 0.
 
     Accumulation: fp32 products, fp32 partial sums of at most 32 products each, everything above that in
     fp64, in a fixed order, so the result is identical (bit for bit) for any thread count and on CPU and
@@ -210,6 +211,18 @@ def coef_grad(
     L = len(inputs) // T
     dev = _device(inputs)
     thr = None if thresholds is None else as_table(thresholds, T, L, torch.float32, dev, "thresholds")
+    grads = list(grads)
+    if len(grads) == L and any(g is None for g in grads):
+        # A tensor the loss does not reach (autograd's None, e.g. open_clip's unused text leftovers): its
+        # column is exactly 0; the op runs on the other columns only (list slicing, no tensor copies).
+        keep = [l for l in range(L) if grads[l] is not None]
+        out = torch.zeros(T, L, dtype=torch.float32, device=dev)
+        if keep:
+            sub = lambda xs: [xs[t * L + l] for t in range(T) for l in keep]  # noqa: E731
+            out[:, keep] = _ops().coef_grad(
+                _dense([grads[l] for l in keep]), sub(list(inputs)), [base[l] for l in keep] if base else [], T,
+                None if thr is None else thr[:, keep].contiguous(), bool(strict), sub(list(masks)) if masks else [])
+        return out
     return _ops().coef_grad(_dense(grads), list(inputs), _base_list(base), T, thr, bool(strict), list(masks or []))
 
 

@@ -187,6 +187,20 @@ def test_flat_buffer_grad_views(gen):
     assert_same(ops.coef_grad(nc, inputs, base, T), exact_table(nc, inputs, base, T), "non-contiguous")
 
 
+def test_none_grads_give_zero_columns(gen):
+    """A None gradient (a tensor the loss does not reach) gives an exact 0 column; the others are unchanged."""
+    T = 3
+    sizes = [40, 1025, 7, 300]
+    grads, inputs, base = make_case(gen, T, sizes, torch.bfloat16, True)
+    thr = thresholds_for(inputs, base, T)
+    masks = random_masks(gen, inputs, packed=True)
+    full = ops.coef_grad(grads, inputs, base, T, thresholds=thr, masks=masks)
+    partial = ops.coef_grad([grads[0], None, grads[2], None], inputs, base, T, thresholds=thr, masks=masks)
+    assert_same(partial[:, [0, 2]], full[:, [0, 2]], "kept columns")
+    assert_same(partial[:, [1, 3]], torch.zeros(T, 2), "None columns")
+    assert_same(ops.coef_grad([None] * 4, inputs, base, T), torch.zeros(T, 4), "all None")
+
+
 # ------------------------------------------------------------------------------------------------
 # Float64 reference and autograd
 # ------------------------------------------------------------------------------------------------
@@ -263,12 +277,18 @@ def test_same_bits_for_any_thread_count(gen):
     assert_same(many, one, "threads")
 
 
-def test_simd_and_generic_paths_agree(gen, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "taus"])
+def test_simd_and_generic_paths_agree(gen, monkeypatch, dtype, with_base):
+    """The fp32 single-pass loop and the AVX2 conversions against the staged generic loop, bit for bit."""
     T = 3
-    grads, inputs, base = make_case(gen, T, [1029, 70001, 5], torch.float16, True, grad_dtype=torch.float16)
-    fast = ops.coef_grad(grads, inputs, base, T)
-    monkeypatch.setenv("CALM_FAST_CPU_SIMD", "0")
-    assert_same(ops.coef_grad(grads, inputs, base, T), fast, "simd vs generic")
+    grads, inputs, base = make_case(gen, T, [1029, 70001, 5], dtype, with_base, grad_dtype=dtype)
+    thr = thresholds_for(inputs, base, T)
+    for kw in ({}, {"thresholds": thr}, {"thresholds": thr, "strict": True}):
+        monkeypatch.delenv("CALM_FAST_CPU_SIMD", raising=False)
+        fast = ops.coef_grad(grads, inputs, base, T, **kw)
+        monkeypatch.setenv("CALM_FAST_CPU_SIMD", "0")
+        assert_same(ops.coef_grad(grads, inputs, base, T, **kw), fast, f"simd vs generic {kw.keys()}")
 
 
 def test_nonfinite_propagate_as_in_torch(gen):
