@@ -22,7 +22,7 @@ import calm_fast
 from calm_fast import reference
 from calm_fast.methods.calm import RandomBatchSampler, resolve_schedule
 from calm_fast.methods.credible import credible_samples
-from calm_fast.models import GenericAdapter, accuracy
+from calm_fast.models import GenericAdapter
 
 from conftest import assert_same
 
@@ -284,63 +284,16 @@ def test_calm_beats_ta_and_ties_on_heldout():
     task is fine-tuned from the same random θ0 with Adam (so its first-layer change is localised, the
     shared second layer interferes).  CALM (2 tasks by TA, 2 by masks, η = 1e4, 100 iterations, sparsity
     1e-2 for this 1.6K-parameter model) vs TA and TIES at λ = 0.3 on held-out data."""
-    D, H, Fd, C, T = 32, 32, 16, 4, 4
-    B = D // T
-    g = torch.Generator().manual_seed(1)
-    torch.manual_seed(0)
+    from multitask_problem import localized_tasks
 
-    class Enc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(D, H)
-            self.fc2 = nn.Linear(H, Fd)
-
-        def forward(self, x):
-            return self.fc2(torch.tanh(self.fc1(x)))
-
-    net = Enc()
-    heads = [nn.Linear(Fd, C).requires_grad_(False) for _ in range(T)]
-    names = [f"t{i}" for i in range(T)]
-
-    def inputs(t, n):
-        x = torch.zeros(n, D)
-        x[:, t * B:(t + 1) * B] = torch.randn(n, B, generator=g)
-        return x
-
-    rules = [torch.randn(C, D, generator=g) for _ in range(T)]
-
-    def labels(t, x):
-        return (x @ rules[t].T).argmax(1)
-
-    train = {n: inputs(t, 2000) for t, n in enumerate(names)}
-    unlabeled = {n: inputs(t, 400) for t, n in enumerate(names)}
-    test = {n: inputs(t, 1000) for t, n in enumerate(names)}
-    pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    fts = []
-    for t, n in enumerate(names):
-        m = Enc()
-        m.load_state_dict(pre)
-        opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-        x, y = train[n], labels(t, train[n])
-        for _ in range(200):
-            idx = torch.randint(0, 2000, (128,), generator=g)
-            f = m(x[idx])
-            loss = F.cross_entropy(heads[t](f / f.norm(dim=-1, keepdim=True)), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        fts.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-    adapter = GenericAdapter(net, dict(zip(names, heads)), normalize_features=True)
-
-    def mean_acc(sd):
-        params = {k: sd[k] for k in adapter.param_names()}
-        return sum(accuracy(adapter, params, n, test[n], labels(t, test[n])) for t, n in enumerate(names)) / T
-
+    p = localized_tasks(seed=1)
+    pre, fts = p.pretrained, p.finetuned
+    mean_acc = p.mean_accuracy
     ta = mean_acc(calm_fast.task_arithmetic(pre, fts, scaling=0.3))
     ties = mean_acc(calm_fast.ties_merging(pre, fts, density=0.2, scaling=0.3))
-    res = calm_fast.calm(pre, fts, adapter, unlabeled, schedule=[[0, 1], [2], [3]], sparsity=0.01, eta=1e4,
-                         iterations=100, batch_size=64, progress=False, seed=0,
-                         eval_data={n: (test[n], labels(t, test[n])) for t, n in enumerate(names)}, eval_every=50)
+    res = calm_fast.calm(pre, fts, p.adapter, p.unlabeled, schedule=[[0, 1], [2], [3]], sparsity=0.01, eta=1e4,
+                         iterations=100, batch_size=64, progress=False, seed=0, eval_data=p.eval_data(),
+                         eval_every=50)
     got = mean_acc(res.state_dict)
     assert got == pytest.approx(res.steps[-1]["accuracy"]["mean"])
     print(f"held-out mean accuracy: CALM {got:.3f}, TA {ta:.3f}, TIES {ties:.3f}")

@@ -77,6 +77,7 @@ import torch
 from .. import ops, selection
 from ..models.base import FlatParams, Inputs, ModelAdapter, accuracy, num_samples, select_batch
 from ._common import Patterns, Prepared, StateDict, check_fraction, check_nonfinite, check_params, prepare
+from ._data import check_eval_data, per_task
 from .calm import RandomBatchSampler
 
 Tensor = torch.Tensor
@@ -305,42 +306,8 @@ class AdaMergingResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# Input validation (shared with doge_adamerging)
+# Settings
 # ------------------------------------------------------------------------------------------------
-def per_task(value, task_names: Sequence[str], what: str, required: Sequence[str], method: str) -> Dict[str, Any]:
-    """A mapping task -> value from a mapping or a sequence in adapter task order."""
-    if value is None:
-        out: Dict[str, Any] = {}
-    elif isinstance(value, Mapping):
-        unknown = [k for k in value if k not in task_names]
-        if unknown:
-            raise ValueError(f"{method}: {what} names unknown tasks {unknown}; tasks: {list(task_names)}")
-        out = dict(value)
-    else:
-        value = list(value)
-        if len(value) != len(task_names):
-            raise ValueError(f"{method}: {what} has {len(value)} entries for {len(task_names)} tasks "
-                             f"{list(task_names)}")
-        out = dict(zip(task_names, value))
-    missing = [t for t in required if out.get(t) is None]
-    if missing:
-        raise ValueError(f"{method}: {what} is missing for tasks {missing}")
-    return out
-
-
-def check_eval_data(adapter: ModelAdapter, evals: Mapping[str, Any], method: str) -> None:
-    for t, pair in evals.items():
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"{method}: eval_data[{t!r}] must be (inputs, labels)")
-        labels = torch.as_tensor(pair[1])
-        if int(labels.shape[0]) != num_samples(pair[0]):
-            raise ValueError(f"{method}: eval_data[{t!r}] has {num_samples(pair[0])} inputs but "
-                             f"{int(labels.shape[0])} labels")
-        C = adapter.num_classes(t)
-        if labels.numel() and C is not None and (int(labels.max()) >= C or int(labels.min()) < 0):
-            raise ValueError(f"{method}: eval_data[{t!r}] has labels outside [0, {C}) of the adapter's head")
-
-
 def resolve_settings(preset: Optional[str], method: str, **given) -> Dict[str, Any]:
     """The preset's settings overridden by every argument that is not None; validated."""
     if preset is None:

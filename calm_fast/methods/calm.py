@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from .. import calm_ops, ops
 from ..models.base import FlatParams, Inputs, ModelAdapter, accuracy, num_samples, predict_logits, select_batch
 from ._common import StateDict, prepare
+from ._data import check_eval_data, per_task
 from .credible import CredibleSet, credible_samples
 
 Tensor = torch.Tensor
@@ -240,26 +241,6 @@ class CalmResult:
 # ------------------------------------------------------------------------------------------------
 # Validation helpers
 # ------------------------------------------------------------------------------------------------
-def _per_task(value, task_names: Sequence[str], what: str, required: Sequence[str]) -> Dict[str, Any]:
-    """A mapping task -> value from a mapping or a sequence in adapter task order."""
-    if value is None:
-        out: Dict[str, Any] = {}
-    elif isinstance(value, Mapping):
-        unknown = [k for k in value if k not in task_names]
-        if unknown:
-            raise ValueError(f"calm: {what} names unknown tasks {unknown}; tasks: {list(task_names)}")
-        out = dict(value)
-    else:
-        value = list(value)
-        if len(value) != len(task_names):
-            raise ValueError(f"calm: {what} has {len(value)} entries for {len(task_names)} tasks {list(task_names)}")
-        out = dict(zip(task_names, value))
-    missing = [t for t in required if out.get(t) is None]
-    if missing:
-        raise ValueError(f"calm: {what} is missing for tasks {missing}")
-    return out
-
-
 def _check_classes(adapter: ModelAdapter, task: str, C: int, where: str) -> None:
     expected = adapter.num_classes(task)
     if expected is not None and int(expected) != int(C):
@@ -328,10 +309,11 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
     sequential = [g[0] for g in groups[1:]]
     needs_data = [tasks[i] for g in groups for i in g] if sequential else []
 
-    ft = _per_task(finetuned, tasks, "finetuned", tasks)
-    data = _per_task(unlabeled_inputs, tasks, "unlabeled data", needs_data)
-    given_logits = _per_task(teacher_logits, tasks, "teacher_logits", needs_data if teacher_logits is not None else [])
-    evals = _per_task(eval_data, tasks, "eval_data", [])
+    ft = per_task(finetuned, tasks, "finetuned", tasks, "calm")
+    data = per_task(unlabeled_inputs, tasks, "unlabeled data", needs_data, "calm")
+    given_logits = per_task(teacher_logits, tasks, "teacher_logits", needs_data if teacher_logits is not None else [],
+                            "calm")
+    evals = per_task(eval_data, tasks, "eval_data", [], "calm")
 
     prep = prepare(pretrained, [ft[t] for t in tasks], method="calm")
     masked = list(adapter.param_names())
@@ -354,13 +336,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             if num_samples(data[t]) != z.shape[0]:
                 raise ValueError(f"calm: task {t!r}: {z.shape[0]} teacher logits for {num_samples(data[t])} samples")
             _check_classes(adapter, t, z.shape[1], "teacher_logits")
-    for t, pair in evals.items():
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"calm: eval_data[{t!r}] must be (inputs, labels)")
-        labels = torch.as_tensor(pair[1])
-        C = adapter.num_classes(t)
-        if labels.numel() and C is not None and (int(labels.max()) >= C or int(labels.min()) < 0):
-            raise ValueError(f"calm: eval_data[{t!r}] has labels outside [0, {C}) of the adapter's head")
+    check_eval_data(adapter, evals, "calm")
 
     base_cpu = [pretrained[k] for k in masked]
     same_dtype = len({x.dtype for x in base_cpu}) <= 1
