@@ -1,7 +1,7 @@
 """Argument checks shared by the data-based methods (CALM, AdaMerging, DOGE + AdaMerging)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -40,3 +40,19 @@ def check_eval_data(adapter: ModelAdapter, evals: Mapping[str, Any], method: str
         C = adapter.num_classes(t)
         if labels.numel() and C is not None and (int(labels.max()) >= C or int(labels.min()) < 0):
             raise ValueError(f"{method}: eval_data[{t!r}] has labels outside [0, {C}) of the adapter's head")
+
+
+def task_arguments(adapter: ModelAdapter, finetuned, unlabeled_inputs, eval_data, method: str
+                   ) -> Tuple[List[str], Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """The per-task arguments of an entropy-minimising method, checked: every task has a fine-tuned model
+    and non-empty unlabeled data; eval data (optional) is (inputs, labels) within the heads' classes.
+    Returns ``(tasks, finetuned, unlabeled, evals)`` keyed by the adapter's task names."""
+    tasks = list(adapter.task_names)
+    ft = per_task(finetuned, tasks, "finetuned", tasks, method)
+    data = per_task(unlabeled_inputs, tasks, "unlabeled data", tasks, method)
+    for t in tasks:
+        if num_samples(data[t]) == 0:
+            raise ValueError(f"{method}: task {t!r} has no unlabeled samples")
+    evals = per_task(eval_data, tasks, "eval_data", [], method)
+    check_eval_data(adapter, evals, method)
+    return tasks, ft, data, evals

@@ -77,7 +77,7 @@ import torch
 from .. import ops, selection
 from ..models.base import FlatParams, Inputs, ModelAdapter, accuracy, num_samples, select_batch
 from ._common import Patterns, Prepared, StateDict, check_fraction, check_nonfinite, check_params, prepare
-from ._data import check_eval_data, per_task
+from ._data import task_arguments
 from .calm import RandomBatchSampler
 
 Tensor = torch.Tensor
@@ -579,14 +579,7 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
         check_params(method, entropy_eps=entropy_eps if entropy_eps is not None else 0.0)
     if mode == "adamerging_pp":
         density = check_fraction("density", density, True, method)
-    tasks = list(adapter.task_names)
-    ft = per_task(finetuned, tasks, "finetuned", tasks, method)
-    data = per_task(unlabeled_inputs, tasks, "unlabeled data", tasks, method)
-    for t in tasks:
-        if num_samples(data[t]) == 0:
-            raise ValueError(f"{method}: task {t!r} has no unlabeled samples")
-    evals = per_task(eval_data, tasks, "eval_data", [], method)
-    check_eval_data(adapter, evals, method)
+    tasks, ft, data, evals = task_arguments(adapter, finetuned, unlabeled_inputs, eval_data, method)
 
     prep = prepare(pretrained, [ft[t] for t in tasks], include=include, exclude=exclude, method=method)
     if prep.L == 0:

@@ -128,6 +128,16 @@ def optimise_delta(tau: Tensor, lam: Tensor, U: Tensor, steps: int, lr: float, b
     return delta, losses
 
 
+def check_doge_keys(prep, include, exclude, method: str) -> None:
+    """DOGE merges 2-D weight matrices: the filter must select at least one key, and only 2-D ones."""
+    if prep.L == 0:
+        raise ValueError(f"{method}: no key matches the filter (include={include!r}, exclude={exclude!r})")
+    for l, key in enumerate(prep.keys):
+        if prep.inputs[l].dim() != 2:
+            raise ValueError(f"{method}: {key!r} has shape {tuple(prep.inputs[l].shape)}; DOGE merges 2-D weight "
+                             "matrices only (exclude this key or narrow `include`)")
+
+
 def doge_ta(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], *, eta: float = ETA_VISION,
             subspace: int = 6, density: float = 0.3, steps: int = 400, lr: float = 1e-4,
             betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, include: Patterns = DOGE_INCLUDE,
@@ -175,13 +185,8 @@ def doge_ta(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], *, 
     if int(steps) < 0:
         raise ValueError(f"{method}: steps must be >= 0, got {steps}")
     prep = prepare(pretrained, finetuned, task_vectors=task_vectors, include=include, exclude=exclude, method=method)
+    check_doge_keys(prep, include, exclude, method)
     T, L = prep.T, prep.L
-    if L == 0:
-        raise ValueError(f"{method}: no key matches the filter (include={include!r}, exclude={exclude!r})")
-    for l, key in enumerate(prep.keys):
-        if prep.inputs[l].dim() != 2:
-            raise ValueError(f"{method}: {key!r} has shape {tuple(prep.inputs[l].shape)}; DOGE merges 2-D weight "
-                             "matrices only (exclude this key or narrow `include`)")
     dev = torch.device(device) if device is not None else prep.inputs[0].device
 
     def tau_of(t: int, l: int) -> Tensor:

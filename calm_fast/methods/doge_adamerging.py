@@ -38,11 +38,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from ..models.base import Inputs, ModelAdapter, num_samples
+from ..models.base import Inputs, ModelAdapter
 from ._common import Patterns, StateDict, check_fraction, check_params, prepare
-from .adamerging import (AdaMergingResult, BatchSampler, CoefficientTrainer, MergeGroup, check_eval_data, per_task,
-                         resolve_settings)
-from .doge import DOGE_INCLUDE, ETA_VISION, SUBSPACE_SOLVERS, _thresholds, row_constants, shared_subspace
+from ._data import task_arguments
+from .adamerging import AdaMergingResult, BatchSampler, CoefficientTrainer, MergeGroup, resolve_settings
+from .doge import (DOGE_INCLUDE, ETA_VISION, SUBSPACE_SOLVERS, _thresholds, check_doge_keys, row_constants,
+                   shared_subspace)
 
 Tensor = torch.Tensor
 
@@ -152,23 +153,11 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
                          batch_size=batch_size, batches_per_task=batches_per_task, sampler=sampler)
     if entropy_eps != "preset":
         s["entropy_eps"] = entropy_eps
-    tasks = list(adapter.task_names)
-    ft = per_task(finetuned, tasks, "finetuned", tasks, method)
-    data = per_task(unlabeled_inputs, tasks, "unlabeled data", tasks, method)
-    for t in tasks:
-        if num_samples(data[t]) == 0:
-            raise ValueError(f"{method}: task {t!r} has no unlabeled samples")
-    evals = per_task(eval_data, tasks, "eval_data", [], method)
-    check_eval_data(adapter, evals, method)
+    tasks, ft, data, evals = task_arguments(adapter, finetuned, unlabeled_inputs, eval_data, method)
 
     prep = prepare(pretrained, [ft[t] for t in tasks], include=include, exclude=exclude, method=method)
+    check_doge_keys(prep, include, exclude, method)
     T, L = prep.T, prep.L
-    if L == 0:
-        raise ValueError(f"{method}: no key matches the filter (include={include!r}, exclude={exclude!r})")
-    for l, key in enumerate(prep.keys):
-        if prep.inputs[l].dim() != 2:
-            raise ValueError(f"{method}: {key!r} has shape {tuple(prep.inputs[l].shape)}; DOGE merges 2-D weight "
-                             "matrices only (exclude this key or narrow `include`)")
     run_names = list(adapter.param_names())
     unknown = [k for k in run_names if k not in pretrained or not pretrained[k].is_floating_point()]
     if unknown:
