@@ -49,10 +49,6 @@ constexpr int64_t kChunk = int64_t{kThreads} * kPerThread;
 constexpr int kBlocksPerSm = 8;
 constexpr int kSlots = 6;  // the most operand lists of one op (calm_mask_step_: R, A, theta, base, prev, new)
 
-template <typename T>
-__device__ __forceinline__ T* as_ptr(int64_t v) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(v));
-}
 
 // Device view of the host-built table: slot k holds L pointers (0 for an absent optional list).
 struct Table {

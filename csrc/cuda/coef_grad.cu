@@ -42,25 +42,7 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kPerLane = static_cast<int>(kCoefBlock / kCoefLanes);  // 32 elements per lane and block
 constexpr int kBlocksPerSm = 8;
 
-__device__ __forceinline__ float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
-template <typename T>
-__device__ __forceinline__ T* as_ptr(int64_t v) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(v));
-}
 
 // Device view of the host-built int64 table (all sections point into one device tensor).
 struct Table {

@@ -10,6 +10,28 @@
 
 namespace calm_fast {
 
+// Rounded fp32 product / sum that nvcc never fuses into an FMA (the CPU kernels round each one).
+__device__ __forceinline__ float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// A device pointer stored as int64 in the uploaded table.
+template <typename T>
+__device__ __forceinline__ T* as_ptr(int64_t v) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(v));
+}
+
 // Uploads `h` to `device`.  From pageable memory the copy has staged `h` when it returns, so `h` may
 // die right after; under the emulator the "device" is the CPU and the result is a private copy.
 inline at::Tensor upload_table(std::vector<int64_t>& h, const at::Device& device) {

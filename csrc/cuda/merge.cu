@@ -59,26 +59,7 @@ constexpr int64_t kChunk = int64_t{kThreads} * kPerThread;  // a multiple of 32 
 constexpr int kBlocksPerSm = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Rounded fp32 product / sum that nvcc never fuses into an FMA (the CPU kernels round each one).
-__device__ __forceinline__ float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
-template <typename T>
-__device__ __forceinline__ T* as_ptr(int64_t v) {
-  return reinterpret_cast<T*>(static_cast<uintptr_t>(v));
-}
 
 __device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
   atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
