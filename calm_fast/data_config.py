@@ -163,19 +163,16 @@ class TaskEntry(_Strict):
 TOP_LEVEL_ALIASES = {"method": "merge_method", "base": "base_model", "out": "output", "max_shard_size": "shard_size"}
 
 
-class DataMergeConfig(_Strict):
-    """The whole file of a data-based method.  ``parameters`` is checked by the method's own schema."""
+class _MethodFile(_Strict):
+    """The keys every in-memory method's file has (the method, base, output and how it is written)."""
 
     merge_method: Optional[StrictStr] = None
     base_model: Optional[PathStr] = None
-    adapter: Optional[AdapterSpec] = None
-    tasks: Optional[Dict[StrictStr, TaskEntry]] = None
     parameters: Optional[Dict[StrictStr, Any]] = None
     output: Optional[PathStr] = None
     out_dtype: Optional[DType] = None
     dtype: Optional[DType] = None
     shard_size: Optional[Size] = None
-    seed: Optional[StrictInt] = None
     device: Optional[StrictStr] = None
     trust_pickle: Optional[StrictBool] = None
     copy_config: Optional[StrictBool] = None
@@ -185,6 +182,14 @@ class DataMergeConfig(_Strict):
     @classmethod
     def _aliases(cls, data: Any) -> Any:
         return _fold_aliases(data, TOP_LEVEL_ALIASES)
+
+
+class DataMergeConfig(_MethodFile):
+    """The whole file of a data-based method.  ``parameters`` is checked by the method's own schema."""
+
+    adapter: Optional[AdapterSpec] = None
+    tasks: Optional[Dict[StrictStr, TaskEntry]] = None
+    seed: Optional[StrictInt] = None
 
     @field_validator("tasks")
     @classmethod
@@ -205,28 +210,12 @@ class ModelPath(_Strict):
         return {"model": data} if isinstance(data, str) else data
 
 
-class DogeMergeConfig(_Strict):
+class DogeMergeConfig(_MethodFile):
     """The whole file of ``merge_method: doge_ta`` (data-free; the models as for the other methods)."""
 
-    merge_method: Optional[StrictStr] = None
-    base_model: Optional[PathStr] = None
     models: Optional[List[ModelPath]] = None
-    parameters: Optional[Dict[StrictStr, Any]] = None
     include: Optional[Patterns] = None
     exclude: Optional[Patterns] = None
-    output: Optional[PathStr] = None
-    out_dtype: Optional[DType] = None
-    dtype: Optional[DType] = None
-    shard_size: Optional[Size] = None
-    device: Optional[StrictStr] = None
-    trust_pickle: Optional[StrictBool] = None
-    copy_config: Optional[StrictBool] = None
-    metadata: Optional[Dict[StrictStr, JsonValue]] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _aliases(cls, data: Any) -> Any:
-        return _fold_aliases(data, TOP_LEVEL_ALIASES)
 
 
 # ------------------------------------------------------------------------------------------------
