@@ -1,4 +1,4 @@
-"""calm_fast.doge_ta (DOGE_TA, ALGORITHMS.md §9.1) against reference.doge_ta_reference (plain autograd,
+"""calm_fast.doge_ta (DOGE_TA, §9.1 of the spec) against reference.doge_ta_reference (plain autograd,
 m x m projector, torch.optim.Adam), on small CLIP-like state dicts built in code whose task vectors have a
 clear spectral gap (so the shared subspace is well defined, §9.1 "checked by running" notes)."""
 from __future__ import annotations
@@ -196,3 +196,29 @@ def test_bad_inputs_give_clear_errors():
     nan[0][k][0, 0] = float("nan")
     with pytest.raises(ValueError, match="inf or NaN"):
         calm_fast.doge_ta(pre, nan, steps=1)
+
+
+def test_save_writes_the_result_atomically(tmp_path):
+    import json
+    import os
+
+    from calm_fast.io import load_state_dict
+    from calm_fast.io.errors import OutputError
+
+    pre, fts = make_models(5, 2)
+    res = calm_fast.doge_ta(pre, fts, steps=5)
+    assert res.state_dict is res.merged
+    out = tmp_path / "merged"
+    res.save(out)
+    assert sorted(os.listdir(tmp_path)) == ["merged"]  # no staging folder or lock left behind
+    got = load_state_dict(out / "model.safetensors")
+    assert set(got) == set(res.merged) and all(torch.equal(got[k], v) for k, v in res.merged.items())
+    extra = load_state_dict(out / "doge_ta_delta.safetensors")
+    assert all(torch.equal(extra[f"delta.{k}"], res.delta[k]) for k in res.keys)
+    assert torch.equal(extra["lambdas"], res.lambda_table()) and torch.equal(extra["thresholds"], res.thresholds)
+    rec = json.loads((out / "doge_ta_record.json").read_text())
+    assert rec["keys"] == res.keys and rec["lambdas"] == res.lambda_table().tolist()
+    with pytest.raises(OutputError, match="already exists"):
+        res.save(out)
+    res.save(out, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["merged"]

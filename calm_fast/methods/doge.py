@@ -13,8 +13,10 @@ per layer:
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,6 +54,33 @@ class DogeResult:
     def lambda_table(self) -> Tensor:
         """The λ table as a [T, L] tensor, columns in ``keys`` order."""
         return torch.stack([self.lambdas[k] for k in self.keys], dim=1)
+
+    @property
+    def state_dict(self) -> Dict[str, Tensor]:
+        """The merged state dict (``merged``), under the name the other methods' results use."""
+        return self.merged
+
+    def save(self, directory: Union[str, os.PathLike], overwrite: bool = False) -> str:
+        """Write ``model.safetensors`` (the merged state dict), ``doge_ta_delta.safetensors`` (δ per key, the
+        [T, L] λ table and the T thresholds) and ``doge_ta_record.json`` (keys, λ table, thresholds, first
+        and last loss per key) into ``directory``, staged and published with one rename
+        (:class:`calm_fast.io.AtomicOutput`): the folder holds the complete result or is left as it was.
+        An existing ``directory`` is an error unless ``overwrite``.  Returns its path."""
+        from ..io.formats import save_state_dict
+        from ..io.publish import AtomicOutput
+
+        extra = {f"delta.{k}": self.delta[k].detach().cpu().contiguous() for k in self.keys}
+        extra["lambdas"] = self.lambda_table().detach().cpu().contiguous()
+        extra["thresholds"] = self.thresholds.detach().cpu().contiguous()
+        record = {"method": "doge_ta", "keys": self.keys, "lambdas": self.lambda_table().tolist(),
+                  "thresholds": self.thresholds.tolist(),
+                  "loss_first_last": {k: [float(v[0]), float(v[-1])] for k, v in self.losses.items() if v.numel()}}
+        with AtomicOutput(directory, overwrite=overwrite, single_file=False) as out:
+            save_state_dict({k: v.detach() for k, v in self.merged.items()}, "model.safetensors",
+                            metadata={"format": "pt", "method": "doge_ta"}, output=out)
+            save_state_dict(extra, "doge_ta_delta.safetensors", output=out)
+            out.write_bytes("doge_ta_record.json", json.dumps(record, indent=1).encode())
+        return str(out.target)
 
 
 SUBSPACE_SOLVERS = ("svd", "gram")
