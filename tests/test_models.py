@@ -286,6 +286,37 @@ def test_hf_grads_land_in_flat_buffer_heads_frozen(bert_folders):
 
 
 @needs_hf
+def test_hf_param_names_changed_merges_and_differentiates_only_what_fine_tuning_changed(bert_folders):
+    """param_names="changed": only the top layer was fine-tuned, so only its tensors are merged; the forward
+    equals the all-parameter adapter's with the same values, and no gradient reaches the frozen layers."""
+    root, base, _ = bert_folders
+    from transformers import BertConfig, BertForSequenceClassification
+
+    models = {}
+    for i, labels in enumerate((3, 4)):
+        m = BertForSequenceClassification(BertConfig(**BERT, num_labels=labels)).eval()
+        m.bert.load_state_dict(base.state_dict())
+        _finetune(m.bert.encoder.layer[1], 0.05, 200 + i)
+        models[f"t{i}"] = m
+    sub = hf_encoder_from_modules(base, models, param_names="changed")
+    full = hf_encoder_from_modules(base, models)
+    want = [k for k in full.adapter.param_names() if k.startswith("encoder.layer.1.")]
+    assert sub.adapter.param_names() == want and set(sub.pretrained) == set(want)
+    params = {k: sub.finetuned[1][k].clone().requires_grad_(True) for k in want}
+    batch = torch.randint(5, len(VOCAB), (3, 6))
+    got = sub.adapter.logits(params, "t1", batch)
+    ref = full.adapter.logits({**full.pretrained, **{k: v.detach() for k, v in params.items()}}, "t1", batch)
+    assert_same(got.detach(), ref.detach(), "logits")
+    got.sum().backward()
+    assert all(params[k].grad is not None for k in want)
+    assert all(p.grad is None for p in sub.adapter.encoder.parameters())  # frozen layers: no gradient
+    with pytest.raises(ValueError, match="not encoder parameters"):
+        hf_encoder_from_modules(base, models, param_names=["encoder.layer.9.nope"])
+    with pytest.raises(ValueError, match="'changed'"):
+        hf_encoder_from_modules(base, models, param_names="some")
+
+
+@needs_hf
 def test_hf_bad_folders_give_clear_errors(bert_folders, tmp_path):
     from transformers import BertConfig, BertModel
 

@@ -84,6 +84,10 @@ class HFEncoderAdapter(ModelAdapter):
         task_names: names of the tasks (default ``task0, ...`` or the mapping's keys).
         tokenizer: used by :meth:`tokenize` (any callable returning a dict of tensors with
             ``return_tensors="pt"``; a Hugging Face tokenizer).
+        param_names: the encoder parameters to merge (default: all).  The others keep the base's values in
+            every forward and get no gradient, so the backward pass stops at the lowest merged layer:
+            pass the tensors fine-tuning changed (``param_names="changed"`` in :func:`load_hf_encoder` /
+            :func:`hf_encoder_from_modules`) to skip frozen bottom layers and embeddings.
         dtype: dtype of the encoder's non-merged tensors and of the heads (the merged ``params`` passed to
             :meth:`logits` should have it too).
         device: where the encoder and heads live (``adapter.device``).
@@ -95,7 +99,7 @@ class HFEncoderAdapter(ModelAdapter):
     def __init__(self, task_models: Union[Sequence[nn.Module], Mapping[str, nn.Module]],
                  pretrained_encoder: Mapping[str, Tensor], *, task_names: Optional[Sequence[str]] = None,
                  tokenizer: Any = None, dtype: torch.dtype = torch.float32,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None, param_names: Optional[Sequence[str]] = None):
         task_names, models = split_per_task(task_models, task_names, "HFEncoderAdapter", "task_models")
         self.task_names = resolve_task_names(task_names, len(models), "HFEncoderAdapter", "task models")
         self.prefix = _encoder_prefix(models[0])
@@ -141,6 +145,15 @@ class HFEncoderAdapter(ModelAdapter):
             skel._modules[self.prefix] = self.encoder
             self._task_models.append(skel)
             self._head_keys.append([k for k in skel.state_dict() if not k.startswith(self.prefix + ".")])
+        if param_names is not None:  # merge (and differentiate) only these; the rest stay the base's
+            wanted = set(param_names)
+            unknown = sorted(wanted - set(self._names))
+            if unknown:
+                raise ValueError(f"HFEncoderAdapter: param_names {unknown[:5]} are not encoder parameters "
+                                 f"(they look like {self._names[:2]})")
+            if not wanted:
+                raise ValueError("HFEncoderAdapter: param_names is empty")
+            self._names = [k for k in self._names if k in wanted]
         self._prefixed = [f"{self.prefix}.{k}" for k in self._names]
 
     # ---- the interface -------------------------------------------------------------------------
@@ -169,7 +182,8 @@ class HFEncoderAdapter(ModelAdapter):
     # ---- extras --------------------------------------------------------------------------------
     def pretrained_state_dict(self) -> Dict[str, Tensor]:
         """The base encoder's merged tensors (the shared encoder's own parameters, not copies)."""
-        return {k: v.detach() for k, v in self.encoder.named_parameters()}
+        own = dict(self.encoder.named_parameters())
+        return {k: own[k].detach() for k in self._names}
 
     def head_state_dict(self, task: Union[int, str]) -> Dict[str, Tensor]:
         """The task's head tensors, named as in the task model (e.g. ``classifier.weight``)."""
@@ -214,13 +228,16 @@ def hf_encoder_from_modules(pretrained: Union[nn.Module, Mapping[str, Tensor]],
                             finetuned: Union[Sequence[nn.Module], Mapping[str, nn.Module]], *,
                             task_names: Optional[Sequence[str]] = None, tokenizer: Any = None,
                             dtype: torch.dtype = torch.float32,
-                            device: Optional[Union[str, torch.device]] = None) -> LoadedModels:
+                            device: Optional[Union[str, torch.device]] = None,
+                            param_names: Union[None, str, Sequence[str]] = None) -> LoadedModels:
     """Build an :class:`HFEncoderAdapter` from in-memory models.
 
     Args:
         pretrained: the base: the pretrained encoder (``AutoModel``), a sequence-classification model, or
             a state dict of either.
         finetuned: the fine-tuned sequence-classification models (list or ``{task_name: model}``).
+        param_names: the encoder tensors to merge: all (None), a list, or ``"changed"``: those that differ
+            from the base in at least one task (frozen layers are then neither merged nor backpropagated).
 
     Returns ``LoadedModels(adapter, pretrained, finetuned)`` whose state dicts map the adapter's
     ``param_names()`` to the base's and each task's encoder tensors, in ``dtype``, on the CPU (references
@@ -230,7 +247,18 @@ def hf_encoder_from_modules(pretrained: Union[nn.Module, Mapping[str, Tensor]],
     task_names, models = split_per_task(finetuned, task_names, "hf_encoder_from_modules", "finetuned")
     prefix = _encoder_prefix(models[0])
     base_sd = encoder_state_dict(pretrained, prefix)
-    adapter = HFEncoderAdapter(models, base_sd, task_names=task_names, tokenizer=tokenizer, dtype=dtype, device=device)
+    if isinstance(param_names, str):
+        if param_names != "changed":
+            raise ValueError(f"hf_encoder_from_modules: param_names must be None, a list or 'changed', "
+                             f"not {param_names!r}")
+        task_sds = [encoder_state_dict(m) for m in models]
+        param_names = [k for k, _ in getattr(models[0], prefix).named_parameters()
+                       if k in base_sd and any(not torch.equal(sd[k].to(base_sd[k].dtype), base_sd[k])
+                                               for sd in task_sds)]
+        if not param_names:
+            raise ValueError("hf_encoder_from_modules: no encoder tensor differs from the base in any task")
+    adapter = HFEncoderAdapter(models, base_sd, task_names=task_names, tokenizer=tokenizer, dtype=dtype, device=device,
+                               param_names=param_names)
     names = adapter.param_names()
     pre = {k: v.cpu() for k, v in adapter.pretrained_state_dict().items()}
     fts = []
@@ -304,7 +332,8 @@ def _load_tokenizer(folders: Sequence[Path]):
 def load_hf_encoder(pretrained: PathLike, finetuned: Union[Sequence[PathLike], Mapping[str, PathLike]], *,
                     task_names: Optional[Sequence[str]] = None, tokenizer: Any = None,
                     dtype: torch.dtype = torch.float32,
-                    device: Optional[Union[str, torch.device]] = None) -> LoadedModels:
+                    device: Optional[Union[str, torch.device]] = None,
+                    param_names: Union[None, str, Sequence[str]] = None) -> LoadedModels:
     """Load a base and fine-tuned task models from local folders (``save_pretrained`` output).
 
     Args:
@@ -314,6 +343,8 @@ def load_hf_encoder(pretrained: PathLike, finetuned: Union[Sequence[PathLike], M
             (task names = folder names unless ``task_names``) or ``{task_name: folder}``.
         tokenizer: a tokenizer object or a folder; default: the first of the base folder and the task
             folders that holds tokenizer files (``None`` if none does: then pass tokenized inputs).
+        param_names: the encoder tensors to merge: all (None), a list, or ``"changed"`` (those some task
+            changed; see :func:`hf_encoder_from_modules`).
 
     Only local folders are read (``local_files_only=True``; a name that is not an existing folder is an
     error, never a hub download).  Errors (:class:`~calm_fast.io.errors.CheckpointError`) name the folder:
@@ -355,5 +386,5 @@ def load_hf_encoder(pretrained: PathLike, finetuned: Union[Sequence[PathLike], M
     elif tokenizer is None:
         tokenizer = _load_tokenizer([base_dir] + task_dirs)
     loaded = hf_encoder_from_modules(base_sd, dict(zip(task_names, models)), tokenizer=tokenizer, dtype=dtype,
-                                     device=device)
+                                     device=device, param_names=param_names)
     return loaded
