@@ -417,6 +417,9 @@ def test_calm_row_uses_unlabeled_test_inputs_and_the_paper_text_settings(spied_r
     prof, tasks = quick_tasks(rec)
     names = [t["name"] for t, _ in tasks]
     assert isinstance(adapter, HFEncoderAdapter) and adapter.task_names == names
+    base0 = base_encoder()
+    changed = [k for k in base0 if any(not torch.equal(e[k], base0[k]) for e in task_encoders(rec))]
+    assert sorted(adapter.param_names()) == sorted(k for k in changed if k in set(adapter.encoder.state_dict()))
     # the paper's text settings with the profile's budget; no labels of any kind (no eval data, no teacher logits)
     assert kwargs["ratio"] == 0.8 and kwargs["schedule"] == "random" and kwargs["seed"] == prof.seed
     assert (kwargs["iterations"], kwargs["batch_size"], kwargs["batches_per_task"]) == (
@@ -443,7 +446,7 @@ def test_calm_row_uses_unlabeled_test_inputs_and_the_paper_text_settings(spied_r
         tau = torch.where(m2[k], taus[names[picks[1]]][k], tau)
         torch.testing.assert_close(res.state_dict[k], base[k] + tau, atol=2e-6, rtol=0)
     assert sum(int(m.sum()) for m in m1.values()) > 0
-    assert_row_matches_hf(rec, "calm", res.state_dict)
+    assert_row_matches_hf(rec, "calm", {**base, **res.state_dict})  # the merged (changed) tensors over θ0
     row = {r["method"]: r for r in rec["results"]}["calm"]
     assert row["params"]["iterations"] == prof.calm_iterations and row["info"]["schedule"] == res.config["schedule"]
 
@@ -521,6 +524,6 @@ def test_adamerging_row_learns_layer_coefficients_on_unlabeled_test_inputs(spied
     for j, k in enumerate(res.keys):
         want = base[k] + sum(lam[t, j] * (encs[t][k] - base[k]) for t in range(len(names)))
         torch.testing.assert_close(res.state_dict[k], want, atol=2e-6, rtol=0)
-    assert_row_matches_hf(rec, "adamerging", res.state_dict)
+    assert_row_matches_hf(rec, "adamerging", {**base, **res.state_dict})
     row = {r["method"]: r for r in rec["results"]}["adamerging"]
     assert row["info"]["lambdas"] == lam.tolist() and row["params"]["steps"] == prof.ada_steps

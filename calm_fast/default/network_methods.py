@@ -40,13 +40,16 @@ CALM_TEXT = {"ratio": 0.8, "schedule": "random"}
 
 def hf_models(ctx: Context):
     """The Hugging Face adapter over the cached task folders (built once per run, shared by the rows):
-    ``LoadedModels(adapter, pretrained, finetuned)`` with the encoder tensors named as the encoder names
-    them (the keys of ``ctx.base``)."""
+    ``LoadedModels(adapter, pretrained, finetuned)`` over the encoder tensors fine-tuning changed
+    (``ctx.merge_keys``), named as the encoder names them (the keys of ``ctx.base``)."""
     if "hf" not in ctx.cache:
         from calm_fast.models import load_hf_encoder
 
+        # only the tensors fine-tuning changed are merged (the bottom layers and embeddings keep θ0 in every
+        # row): they are also the only ones the backward pass needs to reach
         ctx.cache["hf"] = load_hf_encoder(ctx.encoder.path, {f.task: f.path for f in ctx.finetuned},
-                                          tokenizer=ctx.encoder.tokenizer)
+                                          tokenizer=ctx.encoder.tokenizer,
+                                          param_names=[k for k in ctx.merge_keys if k in ctx.base] or None)
     return ctx.cache["hf"]
 
 
