@@ -100,6 +100,7 @@ _COMMAND_HELP = {"bench": "kernel benchmark report: the fused ops vs the plain-P
                           "default)"}
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_MISMATCH, EXIT_NONFINITE, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5, 6
+EXIT_DISTRIBUTED = 7  # a rank failed or a collective timed out (calm_fast.distributed.DistributedError)
 EXIT_INTERRUPTED = 130
 
 
@@ -264,8 +265,12 @@ def build_merge_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 def _exit_code(e: BaseException) -> int:
     from .io.errors import CalmFastIOError
 
+    from .distributed import DistributedError
+
     if isinstance(e, CalmFastIOError):
         return e.exit_code
+    if isinstance(e, DistributedError):
+        return EXIT_DISTRIBUTED
     return EXIT_INTERNAL
 
 
@@ -321,6 +326,8 @@ def _add_merge_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("-q", "--quiet", action="store_true", help="print only errors and the mismatch report")
     r.add_argument("--json", metavar="FILE", help="write a JSON summary (plan, timings, outputs) to FILE")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
+    r.add_argument("--distributed", action="store_true", help="run on the ranks that torchrun started (implied "
+                   "when launched by torchrun with more than one rank; an error without torchrun)")
     from .cli_methods import add_arguments as add_in_memory_method_arguments
 
     add_in_memory_method_arguments(p)

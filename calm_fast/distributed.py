@@ -11,6 +11,9 @@ needs, so that each of them reads the same way:
   process group exists, so the same code runs with and without ``torchrun``;
 * :func:`all_reduce_flat_` sums a list of tensors across ranks with ONE collective (the tensors are packed
   into a flat buffer), the pattern the data-parallel mask/coefficient training uses once per iteration;
+* :func:`all_gather_tensor` gathers one 1-D tensor per rank (lengths may differ), exactly, in rank order;
+* :class:`DistributedError` is what every distributed code path raises when a rank fails or a collective
+  times out: the CLI maps it to exit code 7 on every rank;
 * :func:`assign_by_cost` is the deterministic byte-balanced assignment of work items (tensors, layers) to
   ranks: every rank computes the same assignment from the same inputs, without communicating.
 """
@@ -29,6 +32,16 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 600.0
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(RuntimeError):
+    """A distributed run aborted: a rank failed, was killed, or a collective timed out.
+
+    Raised on every surviving rank with a message naming the cause where it is known; the command line
+    exits with code 7 for it.  Nothing finished-looking is published when it is raised.
+    """
+
+    exit_code = 7
 
 
 def launched_by_torchrun() -> bool:
@@ -152,6 +165,26 @@ def all_gather_object(obj: Any) -> List[Any]:
     out: List[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """Every rank's 1-D ``tensor``, in rank order; lengths may differ between ranks (``[tensor]`` in one
+    process).  Exact: the values are copied, not reduced.  All ranks must pass one dtype and device."""
+    if tensor.dim() != 1:
+        raise ValueError(f"all_gather_tensor takes a 1-D tensor, got shape {tuple(tensor.shape)}")
+    if not is_distributed():
+        return [tensor]
+    n = world_size()
+    sizes = torch.tensor([tensor.numel()], dtype=torch.int64, device=tensor.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(n)]
+    dist.all_gather(all_sizes, sizes)
+    lengths = [int(s.item()) for s in all_sizes]
+    longest = max(lengths)
+    padded = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    padded[:tensor.numel()] = tensor
+    out = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(out, padded)
+    return [o[:m] for o, m in zip(out, lengths)]
 
 
 def assign_by_cost(costs: Sequence[int], n_ranks: int) -> List[int]:

@@ -10,6 +10,7 @@ failure itself.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -47,7 +48,11 @@ def _child(rank: int, n: int, port: int, env: Dict[str, str], fn: Callable, args
 
         init_from_env(backend="gloo")
         value = fn(*args)
-        out.put((rank, "ok", value))
+        # through torch.save bytes: a tensor put on the queue directly travels as shared memory that can
+        # vanish when this process exits before the parent has read it (seen as an intermittent failure)
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        out.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report everything, then exit non-zero
         out.put((rank, "error", traceback.format_exc()))
         raise SystemExit(1)
@@ -91,4 +96,6 @@ def run_ranks(fn: Callable, n: int, *args: Any, timeout: float = 120.0,
     if any(kind != "ok" for kind, _ in outcomes.values()):
         lines = [f"rank {r}: {kind}: {value}" for r, (kind, value) in sorted(outcomes.items()) if kind != "ok"]
         raise RanksFailed("ranks failed:\n" + "\n".join(lines), outcomes)
-    return [outcomes[r][1] for r in range(n)]
+    import torch
+
+    return [torch.load(io.BytesIO(outcomes[r][1]), weights_only=False) for r in range(n)]

@@ -62,8 +62,10 @@ def _collectives(seed):
     ints = torch.tensor([r + 1, 10 * r], dtype=torch.int64)
     D.all_reduce_sum_(ints)
     D.barrier()
+    ragged = torch.randn(2 * r + 1, generator=g).to(torch.bfloat16)  # a different length on every rank
     return {"rank": r, "world": n, "before": before, "after": mine, "ints": ints,
-            "bcast": D.broadcast_object(f"from {r}"), "gathered": D.all_gather_object(r * r)}
+            "bcast": D.broadcast_object(f"from {r}"), "gathered": D.all_gather_object(r * r),
+            "ragged": ragged, "ragged_all": D.all_gather_tensor(ragged)}
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -77,6 +79,23 @@ def test_collectives_on_gloo_ranks(n):
             assert torch.equal(o["after"][i], out[0]["after"][i])  # every rank holds the same bits
     assert all(o["ints"].tolist() == [n * (n + 1) // 2, 10 * n * (n - 1) // 2] for o in out)
     assert all(o["bcast"] == "from 0" and o["gathered"] == [r * r for r in range(n)] for o in out)
+    for o in out:  # exact copies, in rank order, each with its own length
+        assert len(o["ragged_all"]) == n
+        for r in range(n):
+            assert o["ragged_all"][r].dtype == torch.bfloat16 and torch.equal(o["ragged_all"][r], out[r]["ragged"])
+
+
+def test_all_gather_tensor_in_one_process_and_shape_check():
+    t = torch.arange(4.0)
+    assert D.all_gather_tensor(t)[0] is t
+    with pytest.raises(ValueError, match="1-D"):
+        D.all_gather_tensor(torch.ones(2, 2))
+
+
+def test_distributed_error_is_exit_7():
+    from calm_fast.cli import EXIT_DISTRIBUTED, _exit_code
+
+    assert EXIT_DISTRIBUTED == 7 and _exit_code(D.DistributedError("rank 1 failed")) == 7
 
 
 def _one_rank_fails():
