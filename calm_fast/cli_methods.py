@@ -42,12 +42,14 @@ import torch
 from .data_config import (CalmParameters, DataMergeConfig, DogeMergeConfig, DogeParameters, EntrySource,
                           resolve_data_paths, resolve_doge_paths, schema_from_signature, validate,
                           validate_parameters)
+from .distributed import DistributedError
 from .io.errors import CheckpointError, ConfigError, MismatchError
 
 Tensor = torch.Tensor
 
 #: keywords of a data-based method that never come from the file's ``parameters``
-DATA_KEYWORDS = ("teacher_logits", "eval_data", "batch_sampler", "callback", "progress")
+DATA_KEYWORDS = ("teacher_logits", "eval_data", "batch_sampler", "callback", "progress", "data_parallel",
+                 "shard_layers")
 
 
 class DataError(ConfigError):
@@ -312,11 +314,90 @@ def _json_report(args: argparse.Namespace, output: Optional[str]):
 
 def run(args: argparse.Namespace, method: str) -> int:
     """``calm-fast merge`` for an in-memory method (returns the exit code; errors are raised as
-    :class:`calm_fast.io.CalmFastIOError` for the CLI to map)."""
+    :class:`calm_fast.io.CalmFastIOError` for the CLI to map).
+
+    Under ``torchrun`` (or with ``--distributed``, which requires it) every rank joins the process group
+    and runs the method data-parallel (CALM, AdaMerging, DOGE + AdaMerging) or layer-sharded (DOGE_TA);
+    rank 0 prints, writes the output and ``--json``, the other ranks are quiet.  Rank 0 publishes only
+    after every rank reported success, and every rank learns whether the publication succeeded: a failed
+    rank makes the others fail with :class:`calm_fast.distributed.DistributedError` (exit 7) and nothing
+    is published."""
+    from . import distributed
+
     key = method_key(method)
-    if key in DATA_FREE_METHODS:
-        return run_doge(args)
-    return run_data_method(args, key, DATA_METHODS[key])
+    launched = distributed.launched_by_torchrun()
+    if getattr(args, "distributed", False) and not launched:
+        raise ConfigError("--distributed runs on the ranks that torchrun starts: launch it as "
+                          "'torchrun --nproc-per-node N -m calm_fast.cli merge ...' (no RANK/WORLD_SIZE/MASTER_ADDR/"
+                          "MASTER_PORT in the environment)")
+    created = False
+    if launched and not args.dry_run:
+        import torch.distributed as dist
+
+        was = dist.is_available() and dist.is_initialized()
+        try:
+            distributed.init_from_env()
+        except (RuntimeError, ValueError) as e:
+            raise distributed.DistributedError(f"could not join the torchrun process group: {e}") from e
+        created = not was
+    if distributed.rank() != 0:  # rank 0 speaks and writes for everyone
+        args.quiet, args.json, args.no_progress = True, None, True
+    try:
+        if key in DATA_FREE_METHODS:
+            return run_doge(args)
+        return run_data_method(args, key, DATA_METHODS[key])
+    except BaseException:
+        if created:
+            _abort_group()
+        raise
+    finally:
+        if created:
+            _destroy_group()
+
+
+def _abort_group() -> None:
+    """This rank failed: tear the group down so the others' collectives fail now instead of timing out."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+def _destroy_group() -> None:
+    _abort_group()
+
+
+class _RankWriter:
+    """Who writes under torchrun: rank 0 stages the output, then :meth:`agree` collects every rank's
+    success before rank 0 publishes, and :meth:`done` tells every rank whether it did."""
+
+    def __init__(self):
+        from . import distributed
+
+        self.dist = distributed
+        self.on = distributed.is_distributed()
+        self.writer = distributed.rank() == 0
+
+    def agree(self) -> None:
+        if not self.on:
+            return
+        from .methods._parallel import _collective
+
+        oks = _collective("merge: agreement before publishing", self.dist.all_gather_object, True)
+        if not all(oks):  # pragma: no cover - a failed rank raises instead of reporting False
+            raise self.dist.DistributedError("a rank failed before the output was published")
+
+    def done(self, ok: bool) -> None:
+        if not self.on:
+            return
+        from .methods._parallel import _collective
+
+        flags = _collective("merge: publication", self.dist.all_gather_object, ok)
+        if not flags[0]:
+            raise self.dist.DistributedError("rank 0 could not publish the output (see its error)")
 
 
 def _progress(args) -> bool:
@@ -533,7 +614,7 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
         t0 = time.perf_counter()
         try:
             result = fn(pretrained, finetuned, adapter, data, **kwargs)
-        except (ConfigError, CheckpointError, MismatchError):
+        except (ConfigError, CheckpointError, MismatchError, DistributedError):
             raise
         except ValueError as e:
             raise DataError(f"{name}: {e}") from None
@@ -546,9 +627,14 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
             merged = result.merged
         record = result.record() if hasattr(result, "record") else {}
 
-        # ---- write ----------------------------------------------------------------------------------
+        # ---- write (rank 0 under torchrun, after every rank succeeded) -------------------------------
         from .io import load_state_dict
 
+        ranks = _RankWriter()
+        if not ranks.writer:
+            ranks.agree()
+            ranks.done(True)
+            return 0
         t0 = time.perf_counter()
         base_sd = load_state_dict(base, trust_pickle=trust_pickle) if base is not None else None
         model = output_state_dict(merged, base_sd, out_dtype)
@@ -567,7 +653,13 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
             info["record"] = {k: record.get(k) for k in ("steps", "timings") if k in record}
             if report is not None:
                 report.stage(info)
-            publisher.publish()
+            ranks.agree()
+            try:
+                publisher.publish()
+            except BaseException:
+                ranks.done(False)
+                raise
+            ranks.done(True)
         if report is not None:
             report.finish(info)
     finally:
@@ -703,7 +795,8 @@ def run_doge(args: argparse.Namespace) -> int:
             given[k] = list(getattr(args, k))
     defaults = DataMethod("calm_fast.methods.doge:doge_ta").defaults()
     defaults.update({"include": DOGE_INCLUDE, "exclude": None, "dtype": "float32"})
-    params = {**{k: v for k, v in defaults.items() if k not in ("task_vectors", "device", "out_dtype")}, **given}
+    params = {**{k: v for k, v in defaults.items() if k not in ("task_vectors", "device", "out_dtype", "shard_layers")},
+              **given}
 
     base = _flag_path(args.base) or cfg.base_model
     models = [_flag_path(m) for m in args.model] if args.model else [m.model for m in cfg.models or []]
@@ -795,8 +888,15 @@ def run_doge(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         try:
             result = doge_ta(base_sd, fts, out_dtype=out_dtype, device=device, **kwargs)
+        except DistributedError:
+            raise
         except ValueError as e:
             raise DataError(str(e)) from None
+        ranks = _RankWriter()
+        if not ranks.writer:
+            ranks.agree()
+            ranks.done(True)
+            return 0
         info["timings"] = {"method": time.perf_counter() - t0}
         record = {"method": name, "params": params, "keys": result.keys,
                   "lambdas": {k: result.lambdas[k].tolist() for k in result.keys},
@@ -814,7 +914,13 @@ def run_doge(args: argparse.Namespace) -> int:
             info["paths"] = paths
             if report is not None:
                 report.stage(info)
-            publisher.publish()
+            ranks.agree()
+            try:
+                publisher.publish()
+            except BaseException:
+                ranks.done(False)
+                raise
+            ranks.done(True)
         if report is not None:
             report.finish(info)
     finally:

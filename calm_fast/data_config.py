@@ -239,7 +239,8 @@ class CalmParameters(_Strict):
     """The keywords of :func:`calm_fast.calm` a file can express (defaults: the function's).
 
     Not here: ``teacher_logits`` and ``eval_data`` (per task, under ``tasks:``), ``batch_sampler`` and
-    ``callback`` (Python callables), ``progress`` (``--no-progress``)."""
+    ``callback`` (Python callables), ``progress`` (``--no-progress``), ``data_parallel`` (implied by the
+    launch: on under ``torchrun`` with more than one rank)."""
 
     schedule: Optional[ScheduleSpec] = None
     ratio: Optional[OpenFraction] = None
@@ -257,6 +258,7 @@ class CalmParameters(_Strict):
     seed: Optional[StrictInt] = None
     eval_every: Optional[NonNegInt] = None
     eval_batch_size: Optional[PositiveInt] = None
+    dp_reduction: Optional[Literal["allreduce", "exact"]] = None
 
 
 class DogeParameters(_Strict):

@@ -78,6 +78,7 @@ from .. import ops, selection
 from ..models.base import FlatParams, Inputs, ModelAdapter, accuracy, num_samples, select_batch
 from ._common import Patterns, Prepared, StateDict, check_fraction, check_nonfinite, check_params, prepare
 from ._data import task_arguments
+from ._parallel import DataParallel
 from .calm import RandomBatchSampler
 
 Tensor = torch.Tensor
@@ -358,13 +359,21 @@ class MergeGroup:
 
 class CoefficientTrainer:
     """AdaMerging's loop: λ (``[T, L]`` layer-wise over all merged keys, or ``[T]``) trained by Adam on the
-    entropy of the adapter's heads, the run tensors merged into a :class:`FlatParams` buffer each step."""
+    entropy of the adapter's heads, the run tensors merged into a :class:`FlatParams` buffer each step.
+
+    Data parallel (``data_parallel``/``dp_reduction``, see :func:`adamerging`): the step's batches (every
+    task's, in task order) are dealt out, batch ``j`` to rank ``j % world``; the flat gradient buffer and the
+    per-task loss sums (its ``T`` trailing slots) are summed by one all-reduce per step (``"allreduce"``),
+    or the per-batch gradients are gathered and added in the single-process order (``"exact"``); then every
+    rank computes the same coefficient gradient and Adam step."""
 
     def __init__(self, *, method: str, adapter: ModelAdapter, run_keys: Sequence[str], run_cols: Sequence[int],
                  num_keys: int, groups: Sequence[MergeGroup], constant: Mapping[str, Tensor],
                  data: Mapping[str, Inputs], settings: Mapping[str, Any], granularity: str, seed: int,
-                 batch_sampler: Optional[BatchSampler]):
+                 batch_sampler: Optional[BatchSampler], data_parallel: Optional[bool] = None,
+                 dp_reduction: str = "allreduce"):
         self.method = method
+        self.dp = DataParallel(method, data_parallel, dp_reduction)
         self.adapter = adapter
         self.tasks = list(adapter.task_names)
         self.T = len(self.tasks)
@@ -372,7 +381,7 @@ class CoefficientTrainer:
         self.s = settings
         self.granularity = granularity
         self.groups = list(groups)
-        self.fp = FlatParams(list(run_keys), _shapes(self.groups), device=self.device)
+        self.fp = FlatParams(list(run_keys), _shapes(self.groups), device=self.device, grad_extra=self.T)
         self.params = {**constant, **self.fp.as_dict()}   # built once: the same tensor objects every step
         self.run_cols = torch.as_tensor(list(run_cols), dtype=torch.int64, device=self.device)
         self.num_keys = int(num_keys)
@@ -442,7 +451,7 @@ class CoefficientTrainer:
         if evals:
             evaluations.append({"step": 0, "accuracy": self.evaluate(evals, eval_batch_size)})
         bar = None
-        if progress:
+        if progress and self.dp.rank == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=steps, desc=self.method, leave=False)
         last_post = time.monotonic()
@@ -453,16 +462,22 @@ class CoefficientTrainer:
             tb = time.perf_counter()
             self.fp.zero_grad_()
             total = torch.zeros((), dtype=torch.float32, device=dev)
-            for ti, t in enumerate(self.tasks):
-                batches = _check_batches(self.sampler(step, t, sizes[t]), sizes[t], t, step, self.method)
-                acc = torch.zeros((), dtype=torch.float32, device=dev)
-                for ids in batches:
-                    x = gather_batch(self.data[t], ids, dev)
-                    loss = entropy_loss(self.adapter.logits(self.params, t, x), eps)
-                    loss.backward()
-                    acc += loss.detach()
-                ent[step, ti] = acc / len(batches)
-                total += acc
+            if not self.dp.active:
+                for ti, t in enumerate(self.tasks):
+                    batches = _check_batches(self.sampler(step, t, sizes[t]), sizes[t], t, step, self.method)
+                    acc = torch.zeros((), dtype=torch.float32, device=dev)
+                    for ids in batches:
+                        x = gather_batch(self.data[t], ids, dev)
+                        loss = entropy_loss(self.adapter.logits(self.params, t, x), eps)
+                        loss.backward()
+                        acc += loss.detach()
+                    ent[step, ti] = acc / len(batches)
+                    total += acc
+            else:
+                accs = self._data_parallel_step(step, sizes, eps)
+                for ti in range(T):
+                    ent[step, ti] = accs[ti][0] / accs[ti][1]
+                    total += accs[ti][0]
             losses[step] = total
             tc = time.perf_counter()
             grad = self.coefficient_grad()
@@ -496,6 +511,51 @@ class CoefficientTrainer:
         return {"loss": losses.cpu().tolist(), "entropy": ent.cpu().tolist(), "evaluations": evaluations,
                 "network_s": t_network, "merge_s": t_merge}
 
+    def _data_parallel_step(self, step: int, sizes: Mapping[str, int], eps) -> List[Tuple[Tensor, int]]:
+        """Forward/backward of this rank's share of the step's batches and the combination across ranks:
+        afterwards ``fp.grad`` holds the gradient summed over every batch on every rank; returns per task
+        (sum of its batch losses, number of its batches)."""
+        dev, N, dp = self.device, self.fp.numel, self.dp
+        flat: List[Tuple[int, str, Tensor]] = []
+        counts: List[int] = []
+        for ti, t in enumerate(self.tasks):
+            batches = _check_batches(self.sampler(step, t, sizes[t]), sizes[t], t, step, self.method)
+            flat.extend((ti, t, ids) for ids in batches)
+            counts.append(len(batches))
+        accs = [torch.zeros((), dtype=torch.float32, device=dev) for _ in self.tasks]
+
+        def batch_loss(j: int) -> Tensor:
+            _, t, ids = flat[j]
+            x = gather_batch(self.data[t], ids, dev)
+            loss = entropy_loss(self.adapter.logits(self.params, t, x), eps)
+            loss.backward()
+            return loss.detach()
+
+        if dp.exact:
+            total_grad = torch.zeros(N, dtype=torch.float32, device=dev)
+
+            def compute(j: int) -> Tensor:
+                self.fp.zero_grad_()
+                loss = batch_loss(j)
+                return torch.cat([self.fp.grad, loss.reshape(1)])
+
+            def consume(j: int, vec: Tensor) -> None:  # the single-process order of the sums
+                total_grad.add_(vec[:N])
+                accs[flat[j][0]] += vec[N]
+
+            dp.exact_rounds(len(flat), compute, consume, self.fp.grad)
+            self.fp.grad.copy_(total_grad)
+        else:
+            for j in range(len(flat)):
+                if dp.mine(j):
+                    accs[flat[j][0]] += batch_loss(j)
+            extra = self.fp.grad_extra
+            extra.copy_(torch.stack(accs))
+            dp.all_reduce_(self.fp.grad_and_extra)  # ONE collective: gradients and per-task loss sums
+            accs = [extra[ti].clone() for ti in range(self.T)]
+            extra.zero_()
+        return list(zip(accs, counts))
+
     @torch.no_grad()
     def evaluate(self, evals: Mapping[str, Any], batch_size: int) -> Dict[str, float]:
         """Top-1 accuracy per task (and the mean) with the current coefficients."""
@@ -528,7 +588,8 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
                include: Patterns = None, exclude: Patterns = None, seed: int = 0,
                batch_sampler: Optional[BatchSampler] = None, callback: Optional[Callable[..., Any]] = None,
                eval_data: Optional[Mapping[str, Any]] = None, eval_every: int = 0, eval_batch_size: int = 256,
-               progress: bool = True, nonfinite: str = "error") -> AdaMergingResult:
+               progress: bool = True, nonfinite: str = "error", data_parallel: Optional[bool] = None,
+               dp_reduction: str = "allreduce") -> AdaMergingResult:
     """Merge fine-tuned models with AdaMerging (or AdaMerging++): see the module docstring for the method,
     the presets and how it is fast.
 
@@ -555,6 +616,17 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
             (0: never) and at the end.
         progress: a tqdm progress bar.
         nonfinite: ``"error"`` (default) or ``"propagate"`` for inf/NaN task-vector values.
+        data_parallel: run on the ranks of the active ``torch.distributed`` process group (e.g. started by
+            ``torchrun``; every rank calls with the same arguments).  None (default): on when a group with
+            more than one rank is active; False: every rank runs alone.  Each step's batches (every task's, in
+            task order) are dealt out, batch ``j`` to rank ``j % world``; evaluations run on every rank; every
+            rank returns the same result (the CLI writes it from rank 0).  The batch sampler must be a pure
+            function of its arguments (the default ones are).
+        dp_reduction: ``"allreduce"`` (default: one all-reduce per step of the flat gradient buffer with the
+            per-task loss sums in trailing slots; equal to the 1-process run to float rounding of the
+            gradient sum) or ``"exact"`` (per-batch gradients gathered exactly and added in the
+            single-process order: bit-identical to the 1-process run, at W gradient buffers of traffic per
+            round of W batches).
 
     Returns:
         :class:`AdaMergingResult`.
@@ -630,7 +702,8 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
     trainer = CoefficientTrainer(method=method, adapter=adapter, run_keys=run_keys,
                                  run_cols=[col_of[k] for k in run_keys], num_keys=len(keys), groups=groups,
                                  constant=constant, data=data, settings=s, granularity=granularity, seed=seed,
-                                 batch_sampler=batch_sampler)
+                                 batch_sampler=batch_sampler, data_parallel=data_parallel,
+                                 dp_reduction=dp_reduction)
     t_setup = time.perf_counter() - t0
     out = trainer.run(callback=callback, progress=progress, evals=evals, eval_every=eval_every,
                       eval_batch_size=eval_batch_size)
@@ -652,7 +725,7 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
         "mode": mode, "granularity": granularity, "density": float(density) if mode == "adamerging_pp" else None,
         "seed": int(seed), "batch_sampler": repr(trainer.sampler), "num_tasks": T, "num_keys": len(keys),
         "run_keys": len(run_keys), "not_run_keys": [k for k in keys if k not in set(run_keys)],
-        "run_at_theta0": sorted(constant), "device": str(device),
+        "run_at_theta0": sorted(constant), "device": str(device), "data_parallel": trainer.dp.describe(),
         "ties_thresholds": thresholds.tolist() if thresholds is not None else None,
         "choices": _choices(s, mode, granularity),
     }

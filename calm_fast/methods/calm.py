@@ -70,6 +70,7 @@ from .. import calm_ops, ops
 from ..models.base import FlatParams, Inputs, ModelAdapter, accuracy, num_samples, predict_logits, select_batch
 from ._common import StateDict, prepare
 from ._data import check_eval_data, per_task
+from ._parallel import DataParallel, sharded_logits
 from .credible import CredibleSet, credible_samples
 
 Tensor = torch.Tensor
@@ -260,7 +261,8 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
          batch_sampler: Optional[BatchSampler] = None,
          callback: Optional[Callable[..., Any]] = None,
          eval_data: Optional[Mapping[str, Any]] = None, eval_every: int = 10,
-         progress: bool = True, eval_batch_size: int = 256) -> CalmResult:
+         progress: bool = True, eval_batch_size: int = 256, data_parallel: Optional[bool] = None,
+         dp_reduction: str = "allreduce") -> CalmResult:
     """Merge fine-tuned models with CALM (see the module docstring for the algorithm and the modes).
 
     Args:
@@ -288,7 +290,22 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             (entries with mask 1) and ``flips`` to 0-d device tensors.
         eval_data: optional ``{task: (inputs, labels)}``; accuracy of the binarised model every
             ``eval_every`` iterations (0: never inside the loop) and of each step's merged model.
-        progress: tqdm progress bars.
+        progress: tqdm progress bars (rank 0 only under data parallelism).
+        data_parallel: run on the ranks of the active ``torch.distributed`` process group (started e.g. by
+            ``torchrun``; every rank calls :func:`calm` with the same arguments).  None (default): on when a
+            group with more than one rank is active; False: every rank runs the whole method alone.  Each
+            iteration's batches (all seen tasks' batches in the single-process order) are dealt out,
+            batch ``j`` to rank ``j % world``; the teacher's credible-sample pass is split by evaluation
+            batch and its logits gathered exactly; evaluations run on every rank.  Every rank returns the
+            same result; only the caller decides who writes it (the CLI: rank 0).  The batch sampler must
+            be a pure function of its arguments (the default one is).
+        dp_reduction: how the ranks' gradients are combined each iteration: ``"allreduce"`` (default: each
+            rank sums its batches, then ONE all-reduce of the flat gradient buffer with the loss in a
+            trailing slot — the faithful mode reduces the per-batch accumulator instead; equal to the
+            1-process run to float rounding of the gradient sum, the binary masks identical unless a
+            logit sits within rounding of 0) or ``"exact"`` (per-batch gradients gathered and added in the
+            single-process order: bit-identical to the 1-process run, at W gradient buffers of traffic and
+            memory per round of W batches).
 
     Returns:
         :class:`CalmResult`.
@@ -305,6 +322,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         raise ValueError(f"calm: ratio must be in (0, 1], got {ratio}")
     if iterations < 0 or eval_every < 0:
         raise ValueError("calm: iterations and eval_every must be >= 0")
+    dp = DataParallel("calm", data_parallel, dp_reduction)
     groups = resolve_schedule(schedule, tasks, seed)
     sequential = [g[0] for g in groups[1:]]
     needs_data = [tasks[i] for g in groups for i in g] if sequential else []
@@ -341,7 +359,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
     base_cpu = [pretrained[k] for k in masked]
     same_dtype = len({x.dtype for x in base_cpu}) <= 1
     base = [x.to(device) if same_dtype else x.to(device, torch.float32) for x in base_cpu]
-    fp = FlatParams(masked, [x.shape for x in base], device=device)
+    fp = FlatParams(masked, [x.shape for x in base], device=device, grad_extra=1)  # slot: the loss sum
     theta_views = [fp.data[a:b].view(sh) for a, b, sh in zip(fp.offsets[:-1], fp.offsets[1:], fp.shapes)]
 
     def tau_of(t: str, keys: Sequence[str], dev) -> List[Tensor]:
@@ -358,7 +376,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             z = torch.as_tensor(given_logits[t])
         else:
             fp.copy_([ft[t][k] for k in masked])  # the fine-tuned weights themselves
-            z = predict_logits(adapter, fp.as_dict(), t, data[t], eval_batch_size)
+            z = sharded_logits(dp, adapter, fp.as_dict(), t, data[t], eval_batch_size)
             _check_classes(adapter, t, z.shape[1], "the fine-tuned model's logits")
         credible[t] = credible_samples(z, ratio, class_balanced=class_balanced, task=t)
     t_credible = time.perf_counter() - t0
@@ -398,14 +416,17 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         R = calm_ops.init_mask_logits(tau_new, fraction=sparsity, bias=sigmoid_bias)
         with torch.no_grad():
             fp.copy_(ops.calm_interpolate(base, tau_prev, tau_new, R, mode, out_float=True))
-        A_flat = torch.zeros(fp.numel, dtype=torch.float32, device=device)  # after the temporary above: lower peak
+        # after the temporary above: lower peak; one trailing slot for the loss (data-parallel faithful mode)
+        A_store = torch.zeros(fp.numel + 1, dtype=torch.float32, device=device)
+        A_flat = A_store[:fp.numel]
+        G_exact = torch.zeros(fp.numel, dtype=torch.float32, device=device) if dp.exact and not faithful else None
         A = [A_flat[a:b].view(sh) for a, b, sh in zip(fp.offsets[:-1], fp.offsets[1:], fp.shapes)]
         losses = torch.zeros(iterations, dtype=torch.float32, device=device)
         counts = torch.zeros(iterations, 2, dtype=torch.int64, device=device)
         evals_in_loop: List[Dict[str, Any]] = []
         t_network = t_update = 0.0
         bar = None
-        if progress:
+        if progress and dp.rank == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=iterations, desc=f"CALM step {s}/{len(sequential)} ({new_task})", leave=False)
         last_post = time.monotonic()
@@ -417,20 +438,66 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             loss_acc = torch.zeros((), dtype=torch.float32, device=device)
             params = fp.as_dict()
             fp.zero_grad_()
-            for t, batches in drawn:
-                for ids in batches:
-                    if faithful:
-                        fp.zero_grad_()
+            if not dp.active:
+                for t, batches in drawn:
+                    for ids in batches:
+                        if faithful:
+                            fp.zero_grad_()
+                        x = select_batch(data[t], ids, device)
+                        y = labels_of[t].index_select(0, ids).to(device, non_blocking=True)
+                        loss = F.cross_entropy(adapter.logits(params, t, x), y)
+                        loss.backward()
+                        loss_acc += loss.detach()
+                        if faithful:
+                            tc = time.perf_counter()
+                            ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
+                            t_update += time.perf_counter() - tc
+                            ta += time.perf_counter() - tc  # not network time
+            else:
+                flat_batches = [(t, ids) for t, batches in drawn for ids in batches]
+
+                def batch_loss(j: int) -> Tensor:
+                    t, ids = flat_batches[j]
                     x = select_batch(data[t], ids, device)
                     y = labels_of[t].index_select(0, ids).to(device, non_blocking=True)
                     loss = F.cross_entropy(adapter.logits(params, t, x), y)
                     loss.backward()
-                    loss_acc += loss.detach()
-                    if faithful:
-                        tc = time.perf_counter()
-                        ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
-                        t_update += time.perf_counter() - tc
-                        ta += time.perf_counter() - tc  # not network time
+                    return loss.detach()
+
+                if dp.exact:
+                    def compute(j: int) -> Tensor:
+                        fp.zero_grad_()
+                        loss = batch_loss(j)
+                        return torch.cat([fp.grad, loss.reshape(1)])
+
+                    def consume(j: int, vec: Tensor) -> None:
+                        nonlocal loss_acc
+                        if faithful:  # the single-process order: per batch, accumulate into A
+                            fp.grad.copy_(vec[:fp.numel])
+                            ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
+                        else:         # the single-process order: gradients summed batch by batch
+                            G_exact.add_(vec[:fp.numel])
+                        loss_acc += vec[fp.numel]
+
+                    if G_exact is not None:
+                        G_exact.zero_()
+                    dp.exact_rounds(nb, compute, consume, fp.grad)
+                    if not faithful:
+                        fp.grad.copy_(G_exact)
+                else:
+                    for j in range(nb):
+                        if dp.mine(j):
+                            if faithful:
+                                fp.zero_grad_()
+                            loss_acc += batch_loss(j)
+                            if faithful:  # this rank's part of A (A is zero at the start of an iteration)
+                                ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
+                    # ONE collective: the summed gradients (or, faithful, the accumulator) and the loss sum
+                    buf = A_store if faithful else fp.grad_and_extra
+                    buf[-1] = loss_acc
+                    dp.all_reduce_(buf)
+                    loss_acc = buf[-1].clone()
+                    buf[-1] = 0.0
             tb = time.perf_counter()
             if not faithful:
                 ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=False)
@@ -456,7 +523,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         if bar is not None:
             bar.close()
 
-        del A, A_flat  # free before the merged task vector is allocated
+        del A, A_flat, A_store, G_exact  # free before the merged task vector is allocated
         tau_next, n_on = ops.calm_binarize_merge(tau_prev, tau_new, R)
         on_flat = torch.cat([(calm_ops.sigmoid(r) > 0.5).reshape(-1) for r in R])
         masks.append({"step": s, "task": new_task, "packed": ops.pack_mask(on_flat).cpu(), "numel": int(on_flat.numel()),
@@ -507,7 +574,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         "ta_scaling": float(ta_scaling), "faithful": bool(faithful), "batch_reduction": batch_reduction,
         "seed": int(seed), "batch_sampler": "default" if batch_sampler is None else repr(batch_sampler),
         "eval_every": int(eval_every), "num_masked": fp.numel, "masked_tensors": len(masked),
-        "frozen_tensors": frozen, "device": str(device),
+        "frozen_tensors": frozen, "device": str(device), "data_parallel": dp.describe(),
         "choices": _choices(faithful, batch_reduction),
     }
     if final_acc is not None:

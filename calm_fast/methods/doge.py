@@ -20,8 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import ops, selection
+from .. import distributed, ops, selection
 from ._common import Patterns, StateDict, check_fraction, prepare
+from ._parallel import gather_items, layer_owners
 
 Tensor = torch.Tensor
 
@@ -171,7 +172,8 @@ def doge_ta(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], *, 
             subspace: int = 6, density: float = 0.3, steps: int = 400, lr: float = 1e-4,
             betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, include: Patterns = DOGE_INCLUDE,
             exclude: Patterns = None, task_vectors: bool = False, dtype: torch.dtype = torch.float32,
-            device=None, out_dtype: Optional[torch.dtype] = None, subspace_solver: str = "svd") -> DogeResult:
+            device=None, out_dtype: Optional[torch.dtype] = None, subspace_solver: str = "svd",
+            shard_layers: Optional[bool] = None) -> DogeResult:
     """DOGE_TA (data-free DOGE, FusionBench's ``doge_ta``), exactly as its code computes it.
 
     For every merged key l (a 2-D m × n weight) and task t, with τ_{t,l} = θ_t − θ0 (in ``dtype``):
@@ -200,6 +202,13 @@ def doge_ta(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], *, 
         subspace_solver: "svd" (default: torch.linalg.svd, the reference's computation) or "gram" (eigh of the
             K × K Gram matrices: ~2.5x faster setup on a CPU; less accurate singular vectors where the
             spectrum has no clear gap, where the subspace is ill-defined anyway).
+        shard_layers: under ``torch.distributed`` (e.g. ``torchrun``; every rank calls with the same
+            arguments), the δ optimisations -- independent per layer -- are split across the ranks
+            (:func:`calm_fast.distributed.assign_by_cost`, cost m·n·T per layer), each rank runs its layers
+            (same-shape layers stacked as in one process) and the δ and loss curves are gathered exactly;
+            the trim and the merge then run on every rank.  Every rank returns the same result, equal bit
+            for bit to the 1-process run.  None (default): shard when a group with more than one rank is
+            active; False: every rank computes everything.
 
     Returns a :class:`DogeResult` (merged state dict, δ, λ, trim thresholds, loss curves).
     """
@@ -244,7 +253,12 @@ def doge_ta(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], *, 
         groups.setdefault(tuple(prep.inputs[l].shape), []).append(l)
     deltas: Dict[str, Tensor] = {}
     losses: Dict[str, Tensor] = {}
+    owner = layer_owners([prep.inputs[l].numel() * T for l in range(L)], shard_layers, method)
     for shape, ls in groups.items():
+        if owner is not None:
+            ls = [l for l in ls if owner[l] == distributed.rank()]
+            if not ls:
+                continue
         tau = torch.stack([torch.stack([tau_of(t, l) for t in range(T)]) for l in ls]).contiguous()
         lam = torch.stack([lambdas[prep.keys[l]] for l in ls]).to(dtype).contiguous()
         U = shared_subspace(tau, int(subspace), subspace_solver)
@@ -254,6 +268,18 @@ def doge_ta(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], *, 
         for i, l in enumerate(ls):
             deltas[prep.keys[l]] = delta[i]
             losses[prep.keys[l]] = loss[:, i].cpu()
+    if owner is not None:  # every layer's δ (item 2l) and loss curve (item 2l + 1), exactly, on every rank
+        local = {}
+        for l, key in enumerate(prep.keys):
+            if key in deltas:
+                local[2 * l], local[2 * l + 1] = deltas[key], losses[key]
+        shapes = [s for l in range(L) for s in (tuple(prep.inputs[l].shape), (int(steps),))]
+        items = gather_items([owner[i // 2] for i in range(2 * L)], local, torch.float64, shapes, method, dev)
+        deltas, losses = {}, {}
+        for l in (l for ls in groups.values() for l in ls):  # the 1-process order of the dicts
+            key = prep.keys[l]
+            deltas[key] = items[2 * l].to(dtype)
+            losses[key] = items[2 * l + 1].cpu()
 
     # Trim thresholds (P1, global per task over the original task vectors) and the merge.
     thresholds = _thresholds(prep, density, dtype, tau_of)

@@ -37,10 +37,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .. import ops
+from .. import distributed, ops
 from ..models.base import Inputs, ModelAdapter
 from ._common import Patterns, StateDict, check_fraction, check_params, prepare
 from ._data import task_arguments
+from ._parallel import gather_items, layer_owners
 from .adamerging import AdaMergingResult, BatchSampler, CoefficientTrainer, MergeGroup, resolve_settings
 from .doge import (DOGE_INCLUDE, ETA_VISION, SUBSPACE_SOLVERS, _thresholds, check_doge_keys, row_constants,
                    shared_subspace)
@@ -119,7 +120,8 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
                     entropy_eps: Union[None, float, str] = "preset", seed: int = 0,
                     batch_sampler: Optional[BatchSampler] = None, callback: Optional[Callable[..., Any]] = None,
                     eval_data: Optional[Mapping[str, Any]] = None, eval_every: int = 0, eval_batch_size: int = 256,
-                    progress: bool = True) -> DogeAdaMergingResult:
+                    progress: bool = True, data_parallel: Optional[bool] = None, dp_reduction: str = "allreduce",
+                    shard_layers: Optional[bool] = None) -> DogeAdaMergingResult:
     """DOGE + layer-wise AdaMerging (see the module docstring for every step and choice).
 
     Args:
@@ -132,6 +134,10 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
         preset, steps, lr, betas, init, clamp, batch_size, batches_per_task, sampler, entropy_eps, seed,
         batch_sampler, callback, eval_data, eval_every, eval_batch_size, progress: the AdaMerging stage, as in
             :func:`calm_fast.adamerging`, default preset ``"fusion_bench"`` (§9.2's settings).
+        data_parallel, dp_reduction: the AdaMerging stage on the ranks of an active ``torch.distributed``
+            group, as in :func:`calm_fast.adamerging` (default: on when more than one rank is active).
+        shard_layers: stage 1's per-layer δ optimisations split across the ranks and gathered exactly, as in
+            :func:`calm_fast.doge_ta` (default: when more than one rank is active); bit-identical to one process.
 
     Returns a :class:`DogeAdaMergingResult`.
 
@@ -188,7 +194,12 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
     trimmed: List[Optional[Tensor]] = [None] * (T * L)   # τ'_{t,l}, task-major
     deltas: Dict[str, Tensor] = {}
     doge_losses: Dict[str, Tensor] = {}
+    owner = layer_owners([prep.inputs[l].numel() * T for l in range(L)], shard_layers, method)
     for shape, ls in shape_groups.items():
+        if owner is not None:  # this rank's layers; τ' of every layer is built after the gather below
+            ls = [l for l in ls if owner[l] == distributed.rank()]
+            if not ls:
+                continue
         tau = torch.stack([torch.stack([tau_of(t, l) for t in range(T)]) for l in ls]).contiguous()
         lam = torch.stack([doge_lambdas[prep.keys[l]] for l in ls]).float().contiguous()
         U = shared_subspace(tau, T, subspace_solver)     # rank floor(K / T)
@@ -199,10 +210,28 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
             key = prep.keys[l]
             deltas[key] = delta[i].cpu().clone()
             doge_losses[key] = loss[:, i].cpu()
+            if owner is not None:
+                continue
             for t in range(T):
                 x = tau[i, t]
                 trimmed[t * L + l] = torch.where(x.abs() >= thresholds[t], x + delta[i, t], torch.zeros_like(x))
         del tau, delta
+    if owner is not None:  # δ (item 2l) and loss curve (item 2l + 1) of every layer, exactly, on every rank
+        local = {}
+        for l, key in enumerate(prep.keys):
+            if key in deltas:
+                local[2 * l], local[2 * l + 1] = deltas[key], doge_losses[key]
+        shapes = [s for l in range(L) for s in ((T,) + tuple(prep.inputs[l].shape), (int(doge_steps),))]
+        items = gather_items([owner[i // 2] for i in range(2 * L)], local, torch.float64, shapes, method, dev)
+        deltas, doge_losses = {}, {}
+        for l in (l for ls in shape_groups.values() for l in ls):  # the 1-process order
+            key = prep.keys[l]
+            deltas[key] = items[2 * l].float().cpu()
+            doge_losses[key] = items[2 * l + 1].cpu()
+            d = deltas[key].to(dev)
+            for t in range(T):
+                x = tau_of(t, l)
+                trimmed[t * L + l] = torch.where(x.abs() >= thresholds[t], x + d[t], torch.zeros_like(x))
     theta0 = [prep.base[l].to(dev).float() for l in range(L)]
     t_doge = time.perf_counter() - t0
 
@@ -221,7 +250,8 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
     constant = {k: pretrained[k].to(dev) for k in run_names if k not in key_set}
     trainer = CoefficientTrainer(method=method, adapter=adapter, run_keys=[prep.keys[l] for l in run_ls],
                                  run_cols=run_ls, num_keys=L, groups=groups, constant=constant, data=data,
-                                 settings=s, granularity="layer", seed=seed, batch_sampler=batch_sampler)
+                                 settings=s, granularity="layer", seed=seed, batch_sampler=batch_sampler,
+                                 data_parallel=data_parallel, dp_reduction=dp_reduction)
     out = trainer.run(callback=callback, progress=progress, evals=evals, eval_every=eval_every,
                       eval_batch_size=eval_batch_size)
 
@@ -241,7 +271,7 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
         "eta": float(eta), "doge_steps": int(doge_steps), "doge_lr": float(doge_lr), "doge_betas": list(doge_betas),
         "doge_eps": float(doge_eps), "density": float(density), "include": include, "exclude": exclude,
         "subspace_solver": subspace_solver, "subspace_rank": "floor(min(m, n) / T)", "seed": int(seed),
-        "batch_sampler": repr(trainer.sampler), "granularity": "layer", "num_tasks": T, "num_keys": L,
+        "batch_sampler": repr(trainer.sampler), "granularity": "layer", "data_parallel": trainer.dp.describe(), "num_tasks": T, "num_keys": L,
         "not_run_keys": [prep.keys[l] for l in range(L) if l not in set(run_ls)],
         "run_at_theta0": sorted(constant), "device": str(dev),
         "choices": {

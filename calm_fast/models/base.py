@@ -42,10 +42,15 @@ class FlatParams:
 
     Keep the ``.grad`` attributes as they are: ``optimizer.zero_grad(set_to_none=True)`` or
     ``module.zero_grad()`` would detach them from the flat buffer; use :meth:`zero_grad_`.
+
+    ``grad_extra`` trailing slots follow ``grad`` in the same allocation (``grad_and_extra`` covers both):
+    the data-parallel trainers put the iteration's loss sums there, so gradients and losses are summed
+    across ranks by one collective over ``grad_and_extra``.  :meth:`zero_grad_` leaves them alone.
     """
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], *,
-                 device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32):
+                 device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32,
+                 grad_extra: int = 0):
         if len(names) != len(shapes):
             raise ValueError(f"FlatParams: {len(names)} names but {len(shapes)} shapes")
         if len(set(names)) != len(names):
@@ -57,7 +62,11 @@ class FlatParams:
         for n in sizes:
             self.offsets.append(self.offsets[-1] + n)
         self.data = torch.zeros(self.offsets[-1], device=device, dtype=dtype)
-        self.grad = torch.zeros(self.offsets[-1], device=device, dtype=dtype)
+        if grad_extra < 0:
+            raise ValueError(f"FlatParams: grad_extra must be >= 0, got {grad_extra}")
+        self.grad_and_extra = torch.zeros(self.offsets[-1] + int(grad_extra), device=device, dtype=dtype)
+        self.grad = self.grad_and_extra[:self.offsets[-1]]
+        self.grad_extra = self.grad_and_extra[self.offsets[-1]:]
         self.tensors: List[Tensor] = []
         self.grads: List[Tensor] = []
         for i, sh in enumerate(self.shapes):

@@ -1,0 +1,458 @@
+"""Data-parallel CALM / AdaMerging / DOGE + AdaMerging and layer-sharded DOGE_TA on real gloo ranks (loopback).
+
+Every rank also runs the method alone (``data_parallel=False`` / ``shard_layers=False``: the single-process
+code path, no collective), on the same process and inputs, so the comparison is between the data-parallel
+run and the 1-process run given the same batches:
+
+* ``dp_reduction="exact"`` and the layer sharding: ``torch.equal`` of every output tensor;
+* ``dp_reduction="allreduce"``: the stated tolerance, and identical binary masks (CALM);
+* every rank returns the same result;
+* 3 ranks with fewer batches than ranks (a rank with no batch), a failing rank (an error on every rank, not a
+  hang), and the CLI under ``torchrun`` (2 ranks) writing the 1-process CLI's model bit for bit.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import calm_fast
+from calm_fast.methods.adamerging import CyclingBatchSampler
+from calm_fast.methods.calm import RandomBatchSampler
+from calm_fast.models import GenericAdapter
+from dist_harness import RanksFailed, run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Small problems (fresh random weights and data from the seed)
+# ------------------------------------------------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self, d=12, h=10, f=6):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.fc2 = nn.Linear(h, f)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _problem(seed, names, samples, classes, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = Net()
+    heads = {}
+    for n, C in zip(names, classes):
+        h = nn.Linear(6, C)
+        with torch.no_grad():
+            h.weight.copy_(torch.randn(C, 6, generator=g) * 3)
+        heads[n] = h.requires_grad_(False)
+    adapter = GenericAdapter(net, heads, normalize_features=True)
+    pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    pre["extra.weight"] = torch.randn(5, generator=g)  # merged, never run
+    fts = [{k: v + scale * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in names]
+    data = {n: torch.randn(m, 12, generator=g) for n, m in zip(names, samples)}
+    return adapter, pre, fts, data
+
+
+CALM_NAMES, CALM_SAMPLES, CALM_CLASSES = ["a", "b", "c", "d"], [90, 30, 80, 70], [3, 4, 3, 5]
+CALM_KW = dict(schedule=[[0, 1], [2], [3]], iterations=4, eta=30.0, sparsity=0.05, ratio=0.9, batch_size=24,
+               batches_per_task=2, eval_batch_size=40, progress=False)  # 3 teacher batches: uneven over 2 ranks
+
+
+def _calm_summary(res):
+    return {"state": res.state_dict, "tau": res.task_vector, "packed": [m["packed"] for m in res.masks],
+            "on": [m["on"] for m in res.masks], "loss": [s.get("loss") for s in res.steps],
+            "credible": {t: (c.ids, c.labels) for t, c in res.credible.items()}, "R": res._R,
+            "dp": res.config["data_parallel"]}
+
+
+def _calm_runs(seed):
+    adapter, pre, fts, data = _problem(seed, CALM_NAMES, CALM_SAMPLES, CALM_CLASSES)
+    evals = {n: (data[n][:20], torch.zeros(20, dtype=torch.int64)) for n in CALM_NAMES}
+    out = {}
+    for faithful in (False, True):
+        for how in ("single", "exact", "allreduce"):
+            R_last = {}
+
+            def cb(step, iteration, task, R, metrics):
+                R_last[step] = torch.cat([r.reshape(-1) for r in R]).clone()
+
+            res = calm_fast.calm(pre, fts, adapter, data, faithful=faithful, callback=cb, eval_data=evals,
+                                 eval_every=2, data_parallel=False if how == "single" else None,
+                                 dp_reduction="allreduce" if how == "single" else how, **CALM_KW)
+            res._R = R_last
+            out[(faithful, how)] = _calm_summary(res)
+            out[(faithful, how)]["acc"] = [s.get("accuracy") for s in res.steps]
+    return out
+
+
+ADA_NAMES, ADA_SAMPLES = ["a", "b", "c"], [50, 37, 44]
+ADA_CASES = {
+    "layer": dict(preset="official", steps=4),
+    "task": dict(preset="official", granularity="task", init=0.01, lr=3e-3, steps=4),
+    "pp": dict(preset="fusion_bench", mode="adamerging_pp", density=0.3, steps=4, batches_per_task=2),
+}
+
+
+def _ada_runs(seed, cases=tuple(ADA_CASES)):
+    adapter, pre, fts, data = _problem(seed + 1, ADA_NAMES, ADA_SAMPLES, [4, 4, 4])
+    out = {}
+    for case in cases:
+        for how in ("single", "exact", "allreduce"):
+            res = calm_fast.adamerging(pre, fts, adapter, data, progress=False, seed=3,
+                                       data_parallel=False if how == "single" else None,
+                                       dp_reduction="allreduce" if how == "single" else how, **ADA_CASES[case])
+            out[(case, how)] = {"state": res.state_dict, "lambdas": res.lambdas, "raw": res.raw_lambdas,
+                                "loss": res.loss, "entropy": res.entropy, "dp": res.config["data_parallel"]}
+    return out
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(12, 12)
+        self.fc1 = nn.Linear(12, 24)
+        self.fc2 = nn.Linear(24, 12)
+
+    def forward(self, x):
+        x = x + self.q(x)
+        return x + self.fc2(torch.tanh(self.fc1(x)))
+
+
+class DogeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 12)
+        self.encoder = nn.ModuleDict({"l0": Block(), "l1": Block()})
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.encoder.values():
+            x = b(x)
+        return x
+
+
+def _doge_problem(seed, T=3):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = DogeNet()
+    names = ADA_NAMES[:T]
+    heads = {n: nn.Linear(12, 4).requires_grad_(False) for n in names}
+    adapter = GenericAdapter(net, heads, normalize_features=True)
+    pre = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    fts = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(T)]
+    data = {n: torch.randn(40, 8, generator=g) for n in names}
+    return adapter, pre, fts, data
+
+
+def _doge_runs(seed):
+    adapter, pre, fts, data = _doge_problem(seed + 2)
+    out = {}
+    for how in ("single", "sharded"):
+        res = calm_fast.doge_ta(pre, fts, steps=20, shard_layers=(how == "sharded"))
+        out[("doge_ta", how)] = {"state": res.merged, "delta": res.delta, "losses": res.losses,
+                                 "keys": list(res.delta)}
+    sampler = CyclingBatchSampler(seed=1, batch_size=8, batches_per_task=2)
+    for how in ("single", "exact", "allreduce"):
+        res = calm_fast.doge_adamerging(pre, fts, adapter, data, steps=3, doge_steps=20, batch_sampler=sampler,
+                                        progress=False, data_parallel=False if how == "single" else None,
+                                        shard_layers=how != "single",
+                                        dp_reduction="allreduce" if how == "single" else how)
+        out[("doge_ada", how)] = {"state": res.state_dict, "lambdas": res.lambdas, "delta": res.delta,
+                                  "doge_losses": res.doge_losses, "loss": res.loss, "keys": list(res.delta)}
+    return out
+
+
+def _everything(seed):
+    torch.set_num_threads(1)
+    return {"calm": _calm_runs(seed), "ada": _ada_runs(seed), "doge": _doge_runs(seed)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparisons
+# ------------------------------------------------------------------------------------------------
+def equal(a, b, where=""):
+    """Bitwise equality of nested dicts/lists/tuples of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max diff {float((a.double() - b.double()).abs().max())}"
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a} != {b}"
+
+
+def close(a, b, rtol, atol, where=""):
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            close(a[k], b[k], rtol, atol, f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, rtol, atol, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rtol, abs=atol), where
+    else:
+        assert a == b, f"{where}: {a} != {b}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    seed = 20251206
+    return run_ranks(_everything, 2, seed, timeout=120)
+
+
+def test_every_rank_returns_the_same_result(two_ranks):
+    equal(two_ranks[0], two_ranks[1], "rank0 vs rank1")
+
+
+def test_calm_exact_is_bit_identical_to_one_process(two_ranks):
+    out = two_ranks[0]["calm"]
+    for faithful in (False, True):
+        single, dp = out[(faithful, "single")], out[(faithful, "exact")]
+        assert dp["dp"] == {"active": True, "world_size": 2, "reduction": "exact"}
+        assert single["dp"]["active"] is False
+        for k in ("state", "tau", "packed", "on", "loss", "credible", "R", "acc"):
+            equal(dp[k], single[k], f"faithful={faithful} {k}")
+        assert 0 < sum(single["on"]) < sum(m.numel() * 8 for m in single["packed"])  # a real mask
+
+
+# allreduce: gradient sums in the backend's order.  Stated tolerance: the mask logits R within 1e-5 relative
+# (+1e-4 absolute; R is O(5)), the losses within 1e-6 relative; the binary masks and therefore the merged
+# model (each element taken from τ_prev or τ_new) identical.
+def test_calm_allreduce_within_tolerance_and_same_masks(two_ranks):
+    out = two_ranks[0]["calm"]
+    for faithful in (False, True):
+        single, dp = out[(faithful, "single")], out[(faithful, "allreduce")]
+        assert dp["dp"]["reduction"] == "allreduce"
+        close(dp["R"], single["R"], 1e-5, 1e-4, f"faithful={faithful} R")
+        close(dp["loss"], single["loss"], 1e-6, 1e-7, f"faithful={faithful} loss")
+        for k in ("packed", "on", "state", "tau", "credible"):
+            equal(dp[k], single[k], f"faithful={faithful} {k}")
+
+
+def test_adamerging_exact_is_bit_identical(two_ranks):
+    out = two_ranks[0]["ada"]
+    for case in ADA_CASES:
+        single, dp = out[(case, "single")], out[(case, "exact")]
+        assert dp["dp"] == {"active": True, "world_size": 2, "reduction": "exact"}
+        equal(dp["state"], single["state"], case)
+        for k in ("lambdas", "raw", "loss", "entropy"):
+            equal(dp[k], single[k], f"{case} {k}")
+        assert float((single["lambdas"] - single["lambdas"][0, 0]).abs().max()) > 0 or case == "task"
+
+
+# allreduce: λ within 1e-6 absolute after the steps (Adam normalises the gradient; λ ~ 0.3), the objective
+# within 1e-6 relative, the merged tensors within 1e-6.
+def test_adamerging_allreduce_within_tolerance(two_ranks):
+    out = two_ranks[0]["ada"]
+    for case in ADA_CASES:
+        single, dp = out[(case, "single")], out[(case, "allreduce")]
+        for k in ("lambdas", "raw"):
+            close(dp[k], single[k], 0, 1e-6, f"{case} {k}")
+        close(dp["loss"], single["loss"], 1e-6, 1e-7, f"{case} loss")
+        close(dp["state"], single["state"], 0, 1e-6, f"{case} state")
+        # and the steps moved λ by far more than the tolerance
+        assert float((single["raw"] - single["raw"].flatten()[0]).abs().max()) > 1e-4 or case == "task"
+
+
+def test_doge_ta_sharded_layers_bit_identical(two_ranks):
+    out = two_ranks[0]["doge"]
+    single, sharded = out[("doge_ta", "single")], out[("doge_ta", "sharded")]
+    assert len(single["keys"]) == 6
+    equal(sharded, single, "doge_ta")
+
+
+def test_doge_adamerging_exact_and_allreduce(two_ranks):
+    out = two_ranks[0]["doge"]
+    single = out[("doge_ada", "single")]
+    equal(out[("doge_ada", "exact")], single, "doge_adamerging exact")
+    dp = out[("doge_ada", "allreduce")]
+    equal(dp["delta"], single["delta"], "doge_adamerging δ (sharded, exact)")
+    close(dp["lambdas"], single["lambdas"], 0, 1e-6, "doge_adamerging λ")
+    close(dp["state"], single["state"], 0, 1e-6, "doge_adamerging state")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3 ranks: more ranks than batches
+# ------------------------------------------------------------------------------------------------
+def _three(seed):
+    torch.set_num_threads(1)
+    adapter, pre, fts, data = _problem(seed, ["a", "b"], [30, 26], [3, 4])
+    out = {}
+    for how in ("single", "exact", "allreduce"):   # 2 batches per step (one per task) on 3 ranks: rank 2 idle
+        res = calm_fast.adamerging(pre, fts, adapter, data, preset="fusion_bench", steps=3, progress=False,
+                                   data_parallel=False if how == "single" else None,
+                                   dp_reduction="allreduce" if how == "single" else how)
+        out[("ada", how)] = (res.state_dict, res.raw_lambdas, res.loss)
+    for how in ("single", "exact"):                # 5 batches per iteration: 2, 2, 1 per rank
+        res = calm_fast.calm(pre, fts, adapter, data, iterations=3, eta=30.0, sparsity=0.05, batch_size=8,
+                             batches_per_task=3, eval_batch_size=7, progress=False,
+                             schedule=[["a"], ["b"]], data_parallel=False if how == "single" else None,
+                             dp_reduction="exact")
+        out[("calm", how)] = (res.state_dict, [m["packed"] for m in res.masks], res.steps[1]["loss"])
+    return out
+
+
+def test_three_ranks_with_an_idle_rank():
+    out = run_ranks(_three, 3, 7, timeout=90)
+    equal(out[0], out[1], "rank0 vs rank1")
+    equal(out[0], out[2], "rank0 vs rank2")
+    o = out[0]
+    equal(o[("ada", "exact")], o[("ada", "single")], "adamerging exact, 3 ranks")
+    close(o[("ada", "allreduce")], o[("ada", "single")], 1e-6, 1e-6, "adamerging allreduce, 3 ranks")
+    equal(o[("calm", "exact")], o[("calm", "single")], "calm exact, 3 ranks")
+
+
+# ------------------------------------------------------------------------------------------------
+# A failing rank
+# ------------------------------------------------------------------------------------------------
+def _fails_on_rank_1():
+    from calm_fast import distributed
+
+    torch.set_num_threads(1)
+    adapter, pre, fts, data = _problem(3, ["a", "b"], [30, 26], [3, 4])
+    inner = RandomBatchSampler(seed=0, batch_size=8, batches_per_task=2)
+
+    def sampler(step, it, task, ids):
+        if distributed.rank() == 1 and it == 2:
+            raise ValueError("planted failure on rank 1")
+        return inner(step, it, task, ids)
+
+    calm_fast.calm(pre, fts, adapter, data, iterations=5, sparsity=0.05, batch_sampler=sampler, progress=False,
+                   schedule=[["a"], ["b"]])
+
+
+def test_a_failing_rank_is_an_error_on_every_rank_not_a_hang():
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(_fails_on_rank_1, 2, timeout=60, env={"CALM_FAST_DIST_TIMEOUT": "30"})
+    outcomes = info.value.outcomes
+    assert outcomes[1][0] == "error" and "planted failure on rank 1" in outcomes[1][1]
+    assert outcomes[0][0] == "error" and "DistributedError" in outcomes[0][1], outcomes[0]
+
+
+def test_bad_settings():
+    adapter, pre, fts, data = _problem(3, ["a", "b"], [30, 26], [3, 4])
+    with pytest.raises(ValueError, match="dp_reduction"):
+        calm_fast.calm(pre, fts, adapter, data, iterations=1, dp_reduction="mean", progress=False)
+    with pytest.raises(ValueError, match="dp_reduction"):
+        calm_fast.adamerging(pre, fts, adapter, data, steps=1, dp_reduction="sum", progress=False)
+    # without a process group, data_parallel=True runs as one process (the same result)
+    a = calm_fast.adamerging(pre, fts, adapter, data, steps=2, progress=False, data_parallel=True)
+    b = calm_fast.adamerging(pre, fts, adapter, data, steps=2, progress=False)
+    assert a.config["data_parallel"]["active"] is False
+    equal(a.state_dict, b.state_dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI under torchrun
+# ------------------------------------------------------------------------------------------------
+def _cli_env():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1",
+           "CALM_FAST_DIST_TIMEOUT": "60"}
+    for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(v, None)
+    return env
+
+
+def _calm_config(tmp_path, output, **params):
+    import calm_cli_models as cm
+
+    cm.write_problem(tmp_path)
+    cfg = {"merge_method": "calm", "base_model": "base.safetensors", "adapter": "calm_cli_models:build",
+           "tasks": {t: {"model": f"ft_{t}.safetensors", "data": f"data_{t}.pt"} for t in cm.TASKS},
+           "parameters": {"iterations": 3, "batch_size": 8, "sparsity": 0.05, **params}, "output": output}
+    path = tmp_path / "calm.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _torchrun(n, *args, timeout=120):
+    from dist_harness import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "calm_fast.cli", "merge", *map(str, args)]
+    return subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_calm_on_two_ranks_equals_one_process(tmp_path):
+    from calm_fast.io import load_state_dict
+
+    cfg = _calm_config(tmp_path, "out1")
+    one = subprocess.run([sys.executable, "-m", "calm_fast.cli", "merge", "-c", str(cfg), "--no-progress"],
+                         env=_cli_env(), capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(2, "-c", cfg, "--out", tmp_path / "out2", "--json", tmp_path / "run.json", "--no-progress")
+    assert two.returncode == 0, two.stderr + two.stdout
+    assert two.stdout.count("wrote:") == 1  # rank 0 speaks, rank 1 is quiet
+    for f in ("model.safetensors", "calm_masks.safetensors"):
+        a, b = load_state_dict(str(tmp_path / "out1" / f)), load_state_dict(str(tmp_path / "out2" / f))
+        equal(b, a, f)
+    import json
+
+    rec = json.loads((tmp_path / "out2" / "calm_record.json").read_text())
+    assert rec["config"]["data_parallel"] == {"active": True, "world_size": 2, "reduction": "allreduce"}
+    assert json.loads((tmp_path / "run.json").read_text())["method"] == "calm"
+    assert sorted(os.listdir(tmp_path / "out2")) == sorted(os.listdir(tmp_path / "out1"))
+
+
+def test_cli_distributed_flag_without_torchrun_is_a_usage_error(tmp_path, capsys):
+    from calm_fast import cli
+
+    cfg = _calm_config(tmp_path, "out")
+    env = _cli_env()
+    old = {v: os.environ.pop(v) for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v in os.environ}
+    try:
+        rc = cli.main(["merge", "-c", str(cfg), "--distributed", "--no-progress"])
+    finally:
+        os.environ.update(old)
+    err = capsys.readouterr().err
+    assert rc == 2 and "torchrun" in err, err
+    assert not (tmp_path / "out").exists()
+    del env
+
+
+def test_cli_a_failing_rank_exits_7_and_leaves_no_output(tmp_path):
+    # rank 1 reads a data entry point that fails on rank 1 only: rank 1 exits with its own error, rank 0
+    # with 7 (DistributedError), and no output folder appears
+    cfg = _calm_config(tmp_path, "out")
+    data = yaml.safe_load(cfg.read_text())
+    data["tasks"]["a"]["data"] = "dist_fail_data:data_a"
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / "dist_fail_data.py").write_text(
+        "import os, torch\n"
+        "def data_a():\n"
+        "    if os.environ.get('RANK') == '1':\n"
+        "        raise RuntimeError('planted failure on rank 1')\n"
+        "    return torch.load(os.path.join(os.path.dirname(__file__), 'data_a.pt'))\n")
+    env_path = str(tmp_path)
+    res = _torchrun_with_path(2, env_path, "-c", cfg, "--no-progress")
+    assert res.returncode != 0
+    assert "planted failure on rank 1" in res.stderr
+    assert "exit code: 7" in res.stderr or "exitcode  : 7" in res.stderr or "(exitcode: 7)" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _torchrun_with_path(n, extra_path, *args, timeout=120):
+    from dist_harness import free_port
+
+    env = _cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], extra_path])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "calm_fast.cli", "merge", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
