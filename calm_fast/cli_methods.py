@@ -331,7 +331,7 @@ def run(args: argparse.Namespace, method: str) -> int:
                           "'torchrun --nproc-per-node N -m calm_fast.cli merge ...' (no RANK/WORLD_SIZE/MASTER_ADDR/"
                           "MASTER_PORT in the environment)")
     created = False
-    if launched and not args.dry_run:
+    if launched:
         import torch.distributed as dist
 
         was = dist.is_available() and dist.is_initialized()
@@ -592,6 +592,10 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
                           "eval": num_samples(evals[t][0]) if t in evals else None} for t in tasks},
             "merged_tensors": len(names), "merged_parameters": N, "memory_estimate": mem, "output": output,
         }
+        from . import distributed as _dist
+
+        if _dist.is_distributed():
+            info["ranks"] = _dist.world_size()
         if args.dry_run or not args.quiet:
             print(_describe_data_plan(name, entry, params, cfg, info, format_bytes))
         if args.dry_run:
@@ -729,6 +733,9 @@ def _describe_data_plan(name: str, entry: DataMethod, params, cfg: DataMergeConf
                      f"{'; eval ' + str(ti['eval']) if ti['eval'] is not None else ''}"
                      f"{'; teacher logits given' if e.teacher_logits is not None else ''}")
     lines.append(f"merged tensors: {info['merged_tensors']} ({info['merged_parameters']:,} parameters)")
+    if info.get("ranks"):
+        lines.append(f"distributed: {info['ranks']} ranks (torchrun): each iteration's batches split across them, "
+                     f"gradients combined by dp_reduction={params.get('dp_reduction', 'allreduce')}; rank 0 writes")
     if entry.plan is not None:
         lines += entry.plan(params, tasks)
     shown = {k: v for k, v in params.items() if k != "schedule"}

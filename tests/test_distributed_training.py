@@ -266,6 +266,7 @@ def test_adamerging_allreduce_within_tolerance(two_ranks):
         for k in ("lambdas", "raw"):
             close(dp[k], single[k], 0, 1e-6, f"{case} {k}")
         close(dp["loss"], single["loss"], 1e-6, 1e-7, f"{case} loss")
+        close(dp["entropy"], single["entropy"], 1e-6, 1e-7, f"{case} entropy per task")
         close(dp["state"], single["state"], 0, 1e-6, f"{case} state")
         # and the steps moved λ by far more than the tolerance
         assert float((single["raw"] - single["raw"].flatten()[0]).abs().max()) > 1e-4 or case == "task"
@@ -399,7 +400,9 @@ def test_cli_calm_on_two_ranks_equals_one_process(tmp_path):
     assert one.returncode == 0, one.stderr
     two = _torchrun(2, "-c", cfg, "--out", tmp_path / "out2", "--json", tmp_path / "run.json", "--no-progress")
     assert two.returncode == 0, two.stderr + two.stdout
-    assert two.stdout.count("wrote:") == 1  # rank 0 speaks, rank 1 is quiet
+    # rank 0 speaks (the plan, with the ranks, and the result), rank 1 is quiet
+    assert two.stdout.count("method: calm") == 1 and two.stdout.count("wrote:") == 1, two.stdout
+    assert "distributed: 2 ranks" in two.stdout and "distributed:" not in one.stdout
     for f in ("model.safetensors", "calm_masks.safetensors"):
         a, b = load_state_dict(str(tmp_path / "out1" / f)), load_state_dict(str(tmp_path / "out2" / f))
         equal(b, a, f)
