@@ -431,8 +431,11 @@ def test_cli_distributed_flag_without_torchrun_is_a_usage_error(tmp_path, capsys
 
 
 def test_cli_a_failing_rank_exits_7_and_leaves_no_output(tmp_path):
-    # rank 1 reads a data entry point that fails on rank 1 only: rank 1 exits with its own error, rank 0
-    # with 7 (DistributedError), and no output folder appears
+    # rank 1 reads a data entry point that fails on rank 1 only: rank 1 exits with its own error (2), rank 0
+    # with 7 (DistributedError), and no output folder appears.  The two ranks are started by hand with
+    # torchrun's environment, so that each one's exit code can be read (torchrun reports only the first).
+    from dist_harness import free_port
+
     cfg = _calm_config(tmp_path, "out")
     data = yaml.safe_load(cfg.read_text())
     data["tasks"]["a"]["data"] = "dist_fail_data:data_a"
@@ -443,19 +446,43 @@ def test_cli_a_failing_rank_exits_7_and_leaves_no_output(tmp_path):
         "    if os.environ.get('RANK') == '1':\n"
         "        raise RuntimeError('planted failure on rank 1')\n"
         "    return torch.load(os.path.join(os.path.dirname(__file__), 'data_a.pt'))\n")
-    env_path = str(tmp_path)
-    res = _torchrun_with_path(2, env_path, "-c", cfg, "--no-progress")
-    assert res.returncode != 0
-    assert "planted failure on rank 1" in res.stderr
-    assert "exit code: 7" in res.stderr or "exitcode  : 7" in res.stderr or "(exitcode: 7)" in res.stderr, res.stderr
+    env = _cli_env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(tmp_path)])
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "calm_fast.cli", "merge", "-c", str(cfg), "--no-progress"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert procs[1].returncode == 2 and "planted failure on rank 1" in outs[1][1], outs[1]
+    assert procs[0].returncode == 7 and "rank 0" in outs[0][1] and "another rank failed" in outs[0][1], outs[0]
     assert not (tmp_path / "out").exists()
 
 
-def _torchrun_with_path(n, extra_path, *args, timeout=120):
-    from dist_harness import free_port
+def test_cli_doge_ta_on_two_ranks_equals_the_api(tmp_path):
+    from calm_fast.io import load_state_dict, save_state_dict
 
-    env = _cli_env()
-    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], extra_path])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "calm_fast.cli", "merge", *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    g = torch.Generator().manual_seed(5)
+    base = {"encoder.q.weight": torch.randn(12, 8, generator=g), "encoder.fc.weight": torch.randn(6, 12, generator=g),
+            "encoder.k.weight": torch.randn(12, 8, generator=g), "encoder.fc.bias": torch.randn(6, generator=g),
+            "head.weight": torch.randn(3, 6, generator=g)}
+    save_state_dict(base, tmp_path / "base.safetensors")
+    fts = []
+    for i in range(3):
+        fts.append({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        save_state_dict(fts[-1], tmp_path / f"ft{i}.safetensors")
+    cfg = {"merge_method": "doge_ta", "base_model": "base.safetensors",
+           "models": [f"ft{i}.safetensors" for i in range(3)],
+           "parameters": {"eta": 0.15, "steps": 9, "subspace": 3, "lr": 1e-3}, "output": "out"}
+    (tmp_path / "doge.yaml").write_text(yaml.safe_dump(cfg))
+    res = _torchrun(2, "-c", tmp_path / "doge.yaml", "--no-progress")
+    assert res.returncode == 0, res.stderr + res.stdout
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = calm_fast.doge_ta(base, fts, eta=0.15, steps=9, subspace=3, lr=1e-3, shard_layers=False).merged
+    finally:
+        torch.set_num_threads(n)
+    got = load_state_dict(str(tmp_path / "out"))
+    equal(dict(sorted(got.items())), dict(sorted(want.items())), "doge_ta CLI on 2 ranks")
+    assert res.stdout.count("method: doge_ta") == 1
