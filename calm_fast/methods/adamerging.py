@@ -59,6 +59,11 @@ How it is fast (the semantics above are the reference's, ``calm_fast.reference.a
   inputs on the adapter's device: batches are then gathered there without a host sync (inputs on the CPU
   are copied over batch by batch, a synchronous copy).
 
+Data parallel: under ``torch.distributed`` (``torchrun``) every rank calls with the same arguments; each
+step's batches are dealt out across the ranks and the flat gradient buffer (with the per-task loss sums)
+is all-reduced once per step (``dp_reduction="allreduce"``), or the per-batch gradients are gathered and
+added in the single-process order (``"exact"``: bit-identical to one process).
+
 Rounding: the merge computes ``θ0 + Σ_t λ_t τ_t`` (the sum over tasks first) where the official code adds
 ``θ0 + λ_1 τ_1 + λ_2 τ_2 + ...`` left to right; the gradient is a dot product in a different order than
 autograd's.  Results agree to rounding (see tests/test_adamerging.py for the measured tolerance).

@@ -46,6 +46,12 @@ Hooks: ``seed`` (the default batch sampler and the random schedule), ``batch_sam
 device tensors), ``eval_data`` (labelled data per task: accuracy of the binarised model every
 ``eval_every`` iterations and of every step's merged model).
 
+Data parallel: under ``torch.distributed`` (``torchrun``) every rank calls :func:`calm` with the same
+arguments; each iteration's batches are dealt out across the ranks and the gradients combined by one
+all-reduce per iteration (``dp_reduction="allreduce"``, equal to one process to rounding) or by exact
+gathers added in the single-process order (``"exact"``, bit-identical); see ``data_parallel`` /
+``dp_reduction`` and :mod:`calm_fast.methods._parallel`.
+
 Host/device: when the adapter runs on a GPU nothing is read back during an iteration (the ops return
 device tensors; losses and counts stay on the device until the step ends).  The exceptions are opt-in:
 the progress bar's postfix (loss, on-count) is read at most once per second while the bar is shown,
