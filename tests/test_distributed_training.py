@@ -301,7 +301,7 @@ def _three(seed):
                                    data_parallel=False if how == "single" else None,
                                    dp_reduction="allreduce" if how == "single" else how)
         out[("ada", how)] = (res.state_dict, res.raw_lambdas, res.loss)
-    for how in ("single", "exact"):                # 5 batches per iteration: 2, 2, 1 per rank
+    for how in ("single", "exact"):                # several batches per task, dealt over 3 ranks
         res = calm_fast.calm(pre, fts, adapter, data, iterations=3, eta=30.0, sparsity=0.05, batch_size=8,
                              batches_per_task=3, eval_batch_size=7, progress=False,
                              schedule=[["a"], ["b"]], data_parallel=False if how == "single" else None,
@@ -345,6 +345,27 @@ def test_a_failing_rank_is_an_error_on_every_rank_not_a_hang():
     outcomes = info.value.outcomes
     assert outcomes[1][0] == "error" and "planted failure on rank 1" in outcomes[1][1]
     assert outcomes[0][0] == "error" and "DistributedError" in outcomes[0][1], outcomes[0]
+
+
+def _rank_dependent_sampler():
+    from calm_fast import distributed
+
+    torch.set_num_threads(1)
+    adapter, pre, fts, data = _problem(3, ["a", "b"], [30, 26], [3, 4])
+    inner = RandomBatchSampler(seed=0, batch_size=8, batches_per_task=2)
+
+    def sampler(step, task, n):  # seeded by the rank: the ranks would silently train on different batches
+        return inner(distributed.rank(), step, task, torch.arange(n))
+
+    calm_fast.adamerging(pre, fts, adapter, data, steps=2, batch_sampler=sampler, progress=False)
+
+
+def test_ranks_that_draw_different_batches_are_an_error():
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(_rank_dependent_sampler, 2, timeout=60, env={"CALM_FAST_DIST_TIMEOUT": "30"})
+    for r in (0, 1):
+        kind, text = info.value.outcomes[r]
+        assert kind == "error" and "DistributedError" in text and "disagree on the batches" in text, text
 
 
 def test_bad_settings():

@@ -19,6 +19,7 @@ Every rank ends each iteration with identical parameters; results are identical 
 """
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -93,6 +94,18 @@ class DataParallel:
             for r, vec in enumerate(parts):
                 if a + r < n:
                     consume(a + r, vec)
+
+    def check_batches(self, batches: Sequence, what: str) -> None:
+        """Raise :class:`DistributedError` on every rank unless every rank drew the same batch list
+        (``[(task, ids), ...]``): a fingerprint (crc32 of the tasks and ids) is compared, one small collective."""
+        if not self.active:
+            return
+        crc = 0
+        for item in batches:
+            task, ids = item[-2], item[-1]
+            crc = zlib.crc32(str(task).encode(), crc)
+            crc = zlib.crc32(ids.numpy().tobytes(), crc)
+        self.check_same((len(batches), crc), what)
 
     def check_same(self, value, what: str) -> None:
         """Raise on every rank when ranks disagree on ``value`` (a small picklable value): the batch lists

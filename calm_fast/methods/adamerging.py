@@ -527,6 +527,8 @@ class CoefficientTrainer:
             batches = _check_batches(self.sampler(step, t, sizes[t]), sizes[t], t, step, self.method)
             flat.extend((ti, t, ids) for ids in batches)
             counts.append(len(batches))
+        if step == 0:  # every rank must have drawn the same batches
+            dp.check_batches(flat, "the batches of step 0")
         accs = [torch.zeros((), dtype=torch.float32, device=dev) for _ in self.tasks]
 
         def batch_loss(j: int) -> Tensor:

@@ -461,6 +461,8 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
                             ta += time.perf_counter() - tc  # not network time
             else:
                 flat_batches = [(t, ids) for t, batches in drawn for ids in batches]
+                if it == 0:  # once per step: every rank must have drawn the same batches
+                    dp.check_batches(flat_batches, f"the batches of step {s}")
 
                 def batch_loss(j: int) -> Tensor:
                     t, ids = flat_batches[j]
