@@ -152,18 +152,33 @@ def _doge_problem(seed, T=3):
 
 
 def _doge_runs(seed):
+    import importlib
+
+    doge = importlib.import_module("calm_fast.methods.doge")
+    doge_adamerging = importlib.import_module("calm_fast.methods.doge_adamerging")
+
     adapter, pre, fts, data = _doge_problem(seed + 2)
     out = {}
+    computed = []  # layers this rank optimised (the sharding must really split the work)
+    for mod, name in ((doge, "optimise_delta"), (doge_adamerging, "optimise_task_deltas")):
+        def counting(tau, *a, _f=getattr(mod, name), **kw):
+            computed.append(int(tau.shape[0]))
+            return _f(tau, *a, **kw)
+        setattr(mod, name, counting)
     for how in ("single", "sharded"):
+        computed.clear()
         res = calm_fast.doge_ta(pre, fts, steps=20, shard_layers=(how == "sharded"))
         out[("doge_ta", how)] = {"state": res.merged, "delta": res.delta, "losses": res.losses,
                                  "keys": list(res.delta)}
+        out[("doge_ta_layers", how)] = sum(computed)
     sampler = CyclingBatchSampler(seed=1, batch_size=8, batches_per_task=2)
     for how in ("single", "exact", "allreduce"):
+        computed.clear()
         res = calm_fast.doge_adamerging(pre, fts, adapter, data, steps=3, doge_steps=20, batch_sampler=sampler,
                                         progress=False, data_parallel=False if how == "single" else None,
                                         shard_layers=how != "single",
                                         dp_reduction="allreduce" if how == "single" else how)
+        out[("doge_ada_layers", how)] = sum(computed)
         out[("doge_ada", how)] = {"state": res.state_dict, "lambdas": res.lambdas, "delta": res.delta,
                                   "doge_losses": res.doge_losses, "loss": res.loss, "keys": list(res.delta)}
     return out
@@ -218,7 +233,10 @@ def two_ranks():
 
 
 def test_every_rank_returns_the_same_result(two_ranks):
-    equal(two_ranks[0], two_ranks[1], "rank0 vs rank1")
+    def results(out):  # without the per-rank work counts
+        return {**out, "doge": {k: v for k, v in out["doge"].items() if not k[0].endswith("_layers")}}
+
+    equal(results(two_ranks[0]), results(two_ranks[1]), "rank0 vs rank1")
 
 
 def test_calm_exact_is_bit_identical_to_one_process(two_ranks):
@@ -277,6 +295,11 @@ def test_doge_ta_sharded_layers_bit_identical(two_ranks):
     single, sharded = out[("doge_ta", "single")], out[("doge_ta", "sharded")]
     assert len(single["keys"]) == 6
     equal(sharded, single, "doge_ta")
+    # the work was split: each rank optimised some of the 6 layers, together all of them once
+    per_rank = [two_ranks[r]["doge"][("doge_ta_layers", "sharded")] for r in (0, 1)]
+    assert out[("doge_ta_layers", "single")] == 6 and sum(per_rank) == 6 and min(per_rank) > 0, per_rank
+    per_rank = [two_ranks[r]["doge"][("doge_ada_layers", "exact")] for r in (0, 1)]
+    assert out[("doge_ada_layers", "single")] == 6 and sum(per_rank) == 6 and min(per_rank) > 0, per_rank
 
 
 def test_doge_adamerging_exact_and_allreduce(two_ranks):
