@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .. import distributed as D
 from ..io.errors import ConfigError
 from ..io.formats import Checkpoint, parse_dtype
 from ..io.publish import AtomicOutput
@@ -16,6 +18,7 @@ from ..io.writer import DictWriter, OutputSink, SafetensorsWriter, copy_aux_file
 from .engine import _run_engine
 from .params import _jsonable
 from .plan import MergePlan, build_plan
+from .distributed import Comm, RankShard, shard_plan
 from .runtime import StreamResult, _Timer
 
 Tensor = torch.Tensor
@@ -61,7 +64,7 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
                       trust_pickle: bool = False, nonfinite: str = "error", prefetch: bool = True,
                       copy_config: bool = True, metadata: Optional[Mapping[str, Any]] = None, device=None,
                       before_publish: Optional[Callable[["StreamResult"], None]] = None,
-                      **params) -> StreamResult:
+                      distributed: Optional[bool] = None, **params) -> StreamResult:
     """Merge checkpoints with bounded memory; results equal the in-memory ``calm_fast.<method>`` bit for bit.
 
     Args:
@@ -106,7 +109,18 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
         progress: tqdm progress bars (bytes read, ETA) per pass on stderr.
         before_publish: called with the result once every output file is staged and complete, just before
             the output is published (with one rename); an exception in it discards the output.  The CLI
-            writes its ``--json`` report here, so that no check can fail after the output appears.
+            writes its ``--json`` report here, so that no check can fail after the output appears.  In a
+            distributed merge it runs on rank 0 only.
+        distributed: shard the merge across the ranks of ``torch.distributed`` (launched by ``torchrun``).
+            ``None`` (default): when a process group with more than one rank exists; ``True``: required (the
+            process group is joined from the ``torchrun`` environment if needed); ``False``: never.  Every
+            rank calls this function with the same arguments; each merges its share of the tensors (whole
+            tensors, balanced by bytes) and writes them into the shared staging folder; the global statistics
+            are summed across ranks, so the output is bit-identical to the one-process merge.  Rank 0 writes
+            the index and publishes once every rank has finished; a failed or killed rank makes every other
+            rank raise :class:`calm_fast.distributed.DistributedError` and nothing is published.  A folder
+            output must be on a filesystem every rank sees (multi-node: a shared filesystem).  With
+            ``output=None`` every rank receives the whole state dict.
 
     Output: every file (shards, index, ``config.json`` and tokenizer files) is written into a hidden
     staging folder beside ``output`` and published with one rename (see :class:`calm_fast.io.AtomicOutput`),
@@ -128,6 +142,13 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
                       trust_pickle=trust_pickle, **params)
     timer.add("plan", time.perf_counter() - t0)
     result = StreamResult(plan, dry_run=dry_run)
+    comm = _comm_for(distributed)
+    shard = None
+    if comm is not None:
+        shards = shard_plan(plan, comm.world_size)
+        shard = shards[comm.rank]
+        result.rank, result.world_size = comm.rank, comm.world_size
+        result.rank_plans = [sh.stats for sh in shards]
     publisher: Optional[AtomicOutput] = None
     try:
         if output is not None:
@@ -147,7 +168,11 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
                                         "out_dtype": str(out_dtype).replace("torch.", "") if out_dtype else None,
                                         "include": include, "exclude": exclude,
                                         "on_mismatch": on_mismatch if plan.report else None}, metadata)
-        if publisher is None:
+        if comm is not None:
+            _merge_distributed(plan, shard, comm, result, timer, publisher, output, meta, base, single if output
+                               is not None else False, max_shard_size, overwrite, copy_config, out_dtype, progress,
+                               nonfinite, device, prefetch, before_publish, t_start)
+        elif publisher is None:
             sink: OutputSink = DictWriter(plan.out_specs)
             result.state_dict = _run_engine(plan, sink, timer, result, progress, nonfinite, device, prefetch)
         else:
@@ -193,3 +218,103 @@ def input_paths(sources: Sequence[Any], checkpoints: Sequence[Checkpoint] = ()) 
             out.extend(base.paths)
     return list(dict.fromkeys(out))
 
+
+def _comm_for(distributed: Optional[bool]) -> Optional[Comm]:
+    if distributed is None:
+        return Comm() if D.is_distributed() else None
+    if not distributed:
+        return None
+    if not D.is_distributed() and D.launched_by_torchrun():
+        D.init_from_env()
+    if D.is_distributed():
+        return Comm()
+    if D.world_size() == 1 and D.launched_by_torchrun():
+        return None  # torchrun with one process: the one-process merge
+    raise ConfigError("distributed=True needs torch.distributed: launch with torchrun (e.g. torchrun "
+                      "--nproc-per-node 2 -m calm_fast.cli merge ...) or initialise a process group first")
+
+
+def _merge_distributed(plan: MergePlan, shard: RankShard, comm: Comm, result: StreamResult, timer: _Timer,
+                       publisher: Optional[AtomicOutput], output, meta, base, single: bool, max_shard_size,
+                       overwrite: bool, copy_config: bool, out_dtype, progress: bool, nonfinite: str, device,
+                       prefetch: bool, before_publish, t_start: float) -> None:
+    """One rank's part of a distributed merge (see :func:`merge_checkpoints`)."""
+    rank = comm.rank
+    staging: Optional[str] = None
+    try:
+        if publisher is None:  # in memory: every rank merges its tensors, then every rank gets all of them
+            sink: OutputSink = DictWriter([s for s in plan.out_specs if s.name in shard.names])
+            mine = _run_engine(plan, sink, timer, result, progress, nonfinite, device, prefetch, shard, comm)
+            parts = comm.gather_object(mine, "the gather of the merged tensors")
+            merged: Dict[str, Tensor] = {}
+            for part in parts:
+                merged.update(part)
+            result.state_dict = {s.name: merged[s.name] for s in plan.out_specs}
+            _gather_stats(comm, result)
+            return
+        if rank == 0:
+            publisher.open()  # the lock, the checks and the hidden staging folder
+            try:
+                sink = SafetensorsWriter(output, plan.out_specs, metadata=meta, output=publisher,
+                                         max_shard_size=None if single else max_shard_size, overwrite=overwrite,
+                                         owned=shard.names, index=False)
+            except BaseException as e:
+                comm.broadcast_object(("error", f"rank 0 could not create the output: {type(e).__name__}: {e}"),
+                                      "sharing the staging folder")
+                raise
+            staging = str(publisher.staging)
+            comm.broadcast_object(("ok", staging, dict(sink.metadata)), "sharing the staging folder")
+        else:
+            hello = comm.broadcast_object(None, "sharing the staging folder")
+            if hello[0] != "ok":
+                raise D.DistributedError(f"rank {rank}: {hello[1]}")
+            staging = hello[1]
+            sink = SafetensorsWriter(output, plan.out_specs, metadata=hello[2], attach=staging,
+                                     max_shard_size=None if single else max_shard_size, owned=shard.names, index=False)
+        # every rank writes its tensors into the shared files, then syncs and closes them
+        paths = list(_run_engine(plan, sink, timer, result, progress, nonfinite, device, prefetch, shard, comm))
+        # the collective that confirms every rank finished its shards: nothing is published before it
+        _gather_stats(comm, result)
+        if rank == 0:
+            try:
+                sink.write_index()  # the index and the metadata last
+                result.paths = paths
+                src = base if isinstance(base, (str, os.PathLike)) else None
+                if copy_config and src is not None and Path(src).is_dir() and not single:
+                    result.paths += copy_aux_files(src, publisher, out_dtype)
+                if before_publish is not None:
+                    result.timings = dict(timer.t, total=time.perf_counter() - t_start)
+                    before_publish(result)
+                t0 = time.perf_counter()
+                publisher.publish()
+                timer.add("write", time.perf_counter() - t0)
+            except BaseException as e:
+                comm.broadcast_object(("error", f"rank 0 could not publish the output: {type(e).__name__}: {e}"),
+                                      "publishing")
+                raise
+            comm.broadcast_object(("ok", result.paths), "publishing")
+        else:
+            final = comm.broadcast_object(None, "publishing")
+            if final[0] != "ok":
+                raise D.DistributedError(f"rank {rank}: {final[1]}")
+            result.paths = list(final[1])
+    except BaseException as e:
+        if not isinstance(e, D.DistributedError):
+            comm.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
+        elif rank != 0 and staging is not None:
+            # rank 0 discards the staging folder; if it is the one that died, the survivors do
+            shutil.rmtree(staging, ignore_errors=True)
+        if publisher is not None and rank == 0:
+            publisher.discard()
+        raise
+
+
+def _gather_stats(comm: Comm, result: StreamResult) -> None:
+    mine = {"bytes_read": result.bytes_read, "patched": result.patched, "remerged": result.remerged,
+            "bracket_fallbacks": result.bracket_fallbacks}
+    every = comm.gather_object(mine, "the confirmation that every rank finished")
+    result.bytes_read = sum(x["bytes_read"] for x in every)
+    result.patched = sum(x["patched"] for x in every)
+    result.remerged = sum(x["remerged"] for x in every)
+    result.bracket_fallbacks = max(x["bracket_fallbacks"] for x in every)
+    result.rank_bytes_read = [x["bytes_read"] for x in every]

@@ -33,6 +33,10 @@ class StreamResult:
     bracket_fallbacks: int = 0       # tasks whose global threshold needed the radix passes
     zero_sign: Optional[int] = None
     dry_run: bool = False
+    rank: int = 0                    # distributed merge: this process's rank, the number of ranks, every
+    world_size: int = 1              # rank's share (tensors, bytes, memory) and bytes read per rank
+    rank_plans: List[Dict] = field(default_factory=list)
+    rank_bytes_read: List[int] = field(default_factory=list)
 
     @property
     def report(self) -> List[str]:
