@@ -97,6 +97,7 @@ def _run_jobs(jobs):
             for k, v in saved.items():
                 setattr(SP, k, v)
         out.append({"rank": r.rank, "world": r.world_size, "zero_sign": r.zero_sign, "patched": r.patched,
+                    "passes": r.passes,
                     "remerged": r.remerged, "fallbacks": r.bracket_fallbacks, "plans": r.rank_plans,
                     "state_dict": r.state_dict if job["out"] is None else None})
     return out
@@ -170,6 +171,10 @@ def test_bit_identical_to_one_process_on_two_ranks(tmp_path, gen, monkeypatch):
         r0, r1 = res[0][i], res[1][i]
         assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
         assert r0["zero_sign"] == r1["zero_sign"] == one.zero_sign, job["id"]
+        # the same passes: the bracket pins the same thresholds from the summed counts and gathered candidates
+        # (with one rank's counts it would fall back to the radix passes: exact, but two passes more)
+        assert r0["passes"] == r1["passes"] == one.passes, job["id"]
+        assert r0["fallbacks"] == one.bracket_fallbacks, job["id"]
         if name is None:
             for r in (r0, r1):
                 assert list(r["state_dict"]) == list(one.state_dict)
