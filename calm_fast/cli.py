@@ -365,7 +365,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     kwargs = build_merge_kwargs(args)
     if distributed:
-        return _merge_on_ranks(args, kwargs)
+        try:
+            return _merge_on_ranks(args, kwargs)
+        finally:
+            _leave_ranks()
     if not kwargs.get("output") and not args.dry_run:
         from .io.errors import ConfigError
 
@@ -416,6 +419,16 @@ def _join_ranks(args: argparse.Namespace) -> bool:
         return False
     D.init_from_env()
     return D.is_distributed()
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - a broken group is left to the process exit
+            pass
 
 
 def _merge_on_ranks(args: argparse.Namespace, kwargs: Dict[str, Any]) -> int:

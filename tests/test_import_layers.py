@@ -101,8 +101,7 @@ def test_the_checker_sees_a_cycle(tmp_path):
 
 PAIRS = [("calm_fast.ops", "calm_fast.reference"), ("calm_fast.io.formats", "calm_fast.io.writer"),
          ("calm_fast.streaming.engine", "calm_fast.streaming.plan"),
-         ("calm_fast.streaming.merge", "calm_fast.streaming.params"),
-         ("calm_fast.streaming.runtime", "calm_fast.streaming")]
+         ("calm_fast.streaming.distributed", "calm_fast.streaming")]
 
 
 @pytest.mark.parametrize("a,b", PAIRS)

@@ -151,6 +151,8 @@ class ThresholdsMixin:
         self.comm.sum_(counts)
         lost_any = self.comm.sum_(torch.tensor([int(x) for x in lost], dtype=torch.int64))
         lost = [bool(x) for x in lost_any.tolist()]
+        if self.comm.active and sum(int(counts[t, 2]) for t in range(self.T) if not lost[t]) > cap_total:
+            lost = [True] * self.T  # the gathered candidates would not fit the cap: every rank takes the radix passes
         pools = [None if lost[t] else self.comm.gather_cat(torch.cat(cands[t]) if cands[t] else torch.zeros(0))
                  for t in range(self.T)]
         still = selection.resolve_bracket(counts, pools, ks, todo, lo, hi, result)
