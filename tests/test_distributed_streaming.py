@@ -258,6 +258,50 @@ def test_a_failed_rank_aborts_every_rank_and_leaves_no_output(tmp_path, gen, vic
     assert [n for n in _leftovers(tmp_path / "out") if "lock" not in n] == []  # staging removed
 
 
+def _failing_rank_stays_alive(bp, mp, out, flag):
+    """Rank 1's kernel fails late (rank 0 is by then waiting in a collective) and rank 1 does not exit: it
+    waits for rank 0 to report its error in ``flag``.  Rank 0 must not wait for rank 1's process to end."""
+    import time
+
+    import calm_fast.distributed as D
+
+    me = D.rank()
+    real = ops.ties_merge
+    calls = [0]
+
+    def planted(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            time.sleep(2)
+            raise RuntimeError("planted late failure")
+        return real(*a, **k)
+
+    if me == 1:
+        ops.ties_merge = planted
+    try:
+        merge_checkpoints(bp, mp, "ties", output=out, density=0.3, memory_budget="3KiB", distributed=True)
+    except DistributedError as e:
+        Path(flag).write_text(str(e))
+        return "rank 0 error"
+    except RuntimeError:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not Path(flag).exists():
+            time.sleep(0.1)
+        return "saw rank 0's error while alive" if Path(flag).exists() else "rank 0 did not stop"
+    finally:
+        ops.ties_merge = real
+    return "finished"
+
+
+def test_a_failed_rank_that_stays_alive_releases_the_others(tmp_path, gen):
+    base, fts = _models(gen, torch.float32)
+    bp, mp = _save(tmp_path, "m", base, fts)
+    res = run_ranks(_failing_rank_stays_alive, 2, bp, mp, str(tmp_path / "out"), str(tmp_path / "flag"), timeout=90)
+    assert res == ["rank 0 error", "saw rank 0's error while alive"]
+    assert "planted late failure" in (tmp_path / "flag").read_text()
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------

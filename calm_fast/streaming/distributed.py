@@ -99,6 +99,9 @@ class _LocalComm:
     def gather_cat(self, t: Tensor) -> Tensor:
         return t
 
+    def abort(self) -> None:
+        pass
+
     def check(self) -> None:
         pass
 
@@ -146,6 +149,15 @@ class Comm:
             return
         try:
             self.store.set(self.key, message[:4000])
+        except Exception:
+            pass
+
+    def abort(self) -> None:
+        """Leave the process group after a failure on this rank: its connections close, so the other ranks'
+        pending collectives fail at once instead of at the timeout (best effort)."""
+        try:
+            if self.dist.is_initialized():
+                self.dist.destroy_process_group()
         except Exception:
             pass
 

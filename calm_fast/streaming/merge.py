@@ -18,7 +18,7 @@ from ..io.writer import DictWriter, OutputSink, SafetensorsWriter, copy_aux_file
 from .engine import _run_engine
 from .params import _jsonable
 from .plan import MergePlan, build_plan
-from .distributed import Comm, RankShard, shard_plan
+from .distributed import CHECK_INTERVAL_S, Comm, RankShard, shard_plan
 from .runtime import StreamResult, _Timer
 
 Tensor = torch.Tensor
@@ -118,7 +118,8 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
             tensors, balanced by bytes) and writes them into the shared staging folder; the global statistics
             are summed across ranks, so the output is bit-identical to the one-process merge.  Rank 0 writes
             the index and publishes once every rank has finished; a failed or killed rank makes every other
-            rank raise :class:`calm_fast.distributed.DistributedError` and nothing is published.  A folder
+            rank raise :class:`calm_fast.distributed.DistributedError` and nothing is published (the failed
+            rank raises its own error and leaves the process group, so that no rank waits for it).  A folder
             output must be on a filesystem every rank sees (multi-node: a shared filesystem).  With
             ``output=None`` every rank receives the whole state dict.
 
@@ -301,11 +302,16 @@ def _merge_distributed(plan: MergePlan, shard: RankShard, comm: Comm, result: St
     except BaseException as e:
         if not isinstance(e, D.DistributedError):
             comm.fail(f"rank {rank} failed: {type(e).__name__}: {e}")
+            if rank != 0:  # (rank 0 hosts the store that carries the message: it leaves below, after cleaning up)
+                comm.abort()
         elif rank != 0 and staging is not None:
             # rank 0 discards the staging folder; if it is the one that died, the survivors do
             shutil.rmtree(staging, ignore_errors=True)
         if publisher is not None and rank == 0:
             publisher.discard()
+        if rank == 0 and not isinstance(e, D.DistributedError):
+            time.sleep(min(2.0, 4 * CHECK_INTERVAL_S))  # let the others read the message from the store first
+            comm.abort()
         raise
 
 
