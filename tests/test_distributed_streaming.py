@@ -338,3 +338,29 @@ def test_cli_under_torchrun_matches_one_process(tmp_path, gen):
     # --distributed without torchrun: a usage error
     bad = _cli(common + ["-o", str(tmp_path / "x"), "--distributed"])
     assert bad.returncode == 2 and "torchrun" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def _cli_on_ranks(mergekit_cfg, bp, mp, out):
+    """calm_fast.cli.main on every rank of the harness (a torchrun-like environment)."""
+    from calm_fast import cli
+
+    refused = cli.main(["merge", "-c", mergekit_cfg, "-o", out, "--no-progress"])
+    failed = cli.main(["merge", "--base", bp, "--model", mp[0], "--model", mp[1], "--method", "ties", "--density", "0.4",
+                       "-o", out, "--no-progress", "--memory-budget", "4KiB"])
+    return refused, failed
+
+
+def test_cli_exit_codes_on_ranks(tmp_path, gen):
+    """A mergekit-format config is refused on several ranks (exit 2); inf in one model's tensor: the rank that
+    merges it exits 5 (NonFiniteError), the other 7 (DistributedError); no output either way."""
+    base = {"a": torch.randn(64, 8, generator=gen), "b": torch.randn(200, generator=gen)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(2)]
+    fts[1]["b"][7] = float("inf")
+    bp, mp = _save(tmp_path, "m", base, fts)
+    cfg = tmp_path / "mk.yaml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {bp}\nmodels:\n  - model: {mp[0]}\n    parameters: "
+                   f"{{density: 0.5, weight: 1.0}}\n  - model: {mp[1]}\n    parameters: {{density: 0.5, weight: 1.0}}\n")
+    res = run_ranks(_cli_on_ranks, 2, str(cfg), bp, mp, str(tmp_path / "out"), timeout=90)
+    assert [r[0] for r in res] == [2, 2]
+    assert sorted(r[1] for r in res) == [5, 7]
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
