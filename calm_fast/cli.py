@@ -351,13 +351,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     method = cli_methods.peek_method(args)
     if cli_methods.handles(method):  # in-memory methods (calm, doge_ta): their own config schema and flow
         return cli_methods.run(args, method)
+    distributed = _join_ranks(args)
     if args.config:  # a config in mergekit's format means what mergekit means (calm_fast/mergekit_merge.py)
         from .mergekit_merge import config_format, run_mergekit_cli
 
         if config_format(args.config) == "mergekit":
+            if distributed:
+                from .io.errors import ConfigError
+
+                raise ConfigError("a mergekit-format config runs in one process; the distributed streaming merge "
+                                  "takes calm-fast's config format (method/base/models/parameters) or flags")
             return run_mergekit_cli(args)
 
     kwargs = build_merge_kwargs(args)
+    if distributed:
+        try:
+            return _merge_on_ranks(args, kwargs)
+        finally:
+            _leave_ranks()
     if not kwargs.get("output") and not args.dry_run:
         from .io.errors import ConfigError
 
@@ -393,6 +404,78 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _join_ranks(args: argparse.Namespace) -> bool:
+    """Whether this streaming merge runs on several ranks: launched by torchrun with more than one process
+    (``--distributed`` is then implied); ``--distributed`` without torchrun is a usage error."""
+    from . import distributed as D
+
+    if not D.launched_by_torchrun():
+        if getattr(args, "distributed", False):
+            from .io.errors import ConfigError
+
+            raise ConfigError("--distributed: not launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR and "
+                              "MASTER_PORT are not set); run e.g. torchrun --nproc-per-node 2 -m calm_fast.cli "
+                              "merge ... (or drop --distributed for a one-process merge)")
+        return False
+    D.init_from_env()
+    return D.is_distributed()
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - a broken group is left to the process exit
+            pass
+
+
+def _merge_on_ranks(args: argparse.Namespace, kwargs: Dict[str, Any]) -> int:
+    """The streaming merge on the ranks torchrun started: every rank merges its share; rank 0 reports."""
+    from . import distributed as D
+    from .streaming import merge_checkpoints
+    from .streaming.distributed import describe_shards
+
+    if not kwargs.get("output") and not args.dry_run:
+        from .io.errors import ConfigError
+
+        raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")
+    lead = D.rank() == 0
+    progress = lead and not args.no_progress and not args.quiet and sys.stderr.isatty()
+    report = _JsonReport(args.json, args.dry_run, kwargs.get("output")) if (args.json and lead) else None
+    try:
+        result = merge_checkpoints(progress=progress, before_publish=report.stage if report else None,
+                                   distributed=True, **kwargs)
+        if report is not None:
+            report.finish(result)
+    finally:
+        if report is not None:
+            report.discard()
+    if not lead:
+        return EXIT_OK
+    plan = result.plan
+    if args.dry_run or not args.quiet:
+        print(plan.describe())
+    for line in (plan.report if args.quiet and not args.dry_run else []):
+        print(f"mismatch: {line}", file=sys.stderr)
+    if args.dry_run or not args.quiet:
+        from .streaming.distributed import RankShard
+
+        print(describe_shards([RankShard(st["rank"], result.world_size, frozenset(), [], [], 0, st)
+                               for st in result.rank_plans]))
+    if args.dry_run:
+        target = kwargs.get("output")
+        print(f"dry run: {'would write ' + str(target) + ', ' if target else ''}"
+              f"{len(plan.out_specs)} tensors on {result.world_size} ranks; no tensor data was read and nothing "
+              "was written")
+    elif not args.quiet:
+        print(result.summary() + f" | {result.world_size} ranks")
+        _print_phase_table(result)
+        print("wrote: " + ", ".join(result.paths[:4]) + (f" (+{len(result.paths) - 4} more)" if len(result.paths) > 4 else ""))
+    return EXIT_OK
+
+
 class _JsonReport:
     """``--json FILE``: checked before the merge, written to a temporary file beside FILE before the output
     is published (``stage``), renamed to FILE after it (``finish``)."""
@@ -418,6 +501,8 @@ class _JsonReport:
                 "report": plan.report, "notes": plan.notes, "timings": result.timings, "paths": result.paths,
                 "bytes_read": result.bytes_read, "bytes_written": result.bytes_written, "passes": result.passes,
                 "memory_estimate": plan.memory_estimate(), "zero_sign": result.zero_sign, "patched": result.patched}
+        if getattr(result, "world_size", 1) > 1:
+            info["ranks"] = result.rank_plans
         with open(self.tmp, "w") as f:
             f.write(json.dumps(info, indent=2) + "\n")
             f.flush()

@@ -159,7 +159,7 @@ def _calm_plan(params: Mapping[str, Any], tasks: List[str]) -> List[str]:
 
 
 def _calm_files(result: Any, out: Any) -> List[str]:
-    from .io.formats import save_state_dict
+    from .io.writer import save_state_dict
 
     extra = {f"mask.step{i}.{m['task']}": m["packed"].cpu().contiguous() for i, m in enumerate(result.masks)}
     for t, c in result.credible.items():
@@ -450,7 +450,7 @@ def output_state_dict(merged: Mapping[str, Tensor], base_sd: Optional[Mapping[st
 def write_output(out, model: Mapping[str, Tensor], base: Optional[str], *, single: bool, shard_size,
                  copy_config: bool, out_dtype, metadata: Mapping[str, str]) -> List[str]:
     """Stage the model (and a base folder's config/tokenizer files) in the open AtomicOutput ``out``."""
-    from .io.formats import save_state_dict
+    from .io.writer import save_state_dict
     from .io.writer import copy_aux_files
 
     paths = save_state_dict(model, out.target, metadata=metadata, output=out,

@@ -112,7 +112,7 @@ def _strided_sample(inputs, base, T: int, L: int, n: int, dare_p: float, dare_ke
     """
     import numpy as np
 
-    from .reference import philox_uniform  # the same Philox stream as the kernels, on a few indices
+    from .philox import philox_uniform  # the same Philox stream as the kernels, on a few indices
 
     stride = max(1, n // SAMPLE_SIZE)
     out = []

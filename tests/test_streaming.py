@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import calm_fast
 import calm_fast.streaming as S
+import calm_fast.streaming.params as SP
 from calm_fast import methods, ops
 from calm_fast.io import (CheckpointError, ConfigError, MismatchError, NonFiniteError, OutputError, load_state_dict,
                           save_state_dict)
@@ -169,7 +170,7 @@ def _cancelling_models(dtype=torch.float32, n=3000):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("recorded", [1 << 22, 100], ids=["patch", "overflow_remerge"])
 def test_global_zero_sign_patch(tmp_path, monkeypatch, dtype, recorded):
-    monkeypatch.setattr(S, "MAX_RECORDED_POSITIONS", recorded)
+    monkeypatch.setattr(SP, "MAX_RECORDED_POSITIONS", recorded)
     base, fts = _cancelling_models(dtype)
     bp, mp = save_models(tmp_path, base, fts)
     for name, fn, kw in [("ties_merging", methods.ties_merging, {"density": 1.0, "merge": "mean"}),
@@ -567,14 +568,14 @@ def test_bracket_miss_falls_back_to_radix(tmp_path, monkeypatch, how, case):
     if how == "biased_sample":
         monkeypatch.setattr(S._Engine, "_sample_abs_tau", lambda self, N: [torch.full((64,), 100.0)] * self.T)
     else:
-        monkeypatch.setattr(S, "BRACKET_CANDIDATE_BYTES", 1)
+        monkeypatch.setattr(SP, "BRACKET_CANDIDATE_BYTES", 1)
     r = merge_checkpoints(bp, mp, name, memory_budget="4KiB", **kw)
     assert_same(r.state_dict, fn(base, fts, **kw))
     assert r.bracket_fallbacks == 3 and r.passes == 4
 
 
 def test_radix_only_mode(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "BRACKET_SELECT", False)
+    monkeypatch.setattr(SP, "BRACKET_SELECT", False)
     base, fts = make_models(T=3)
     r = merge_checkpoints(base, fts, "ties", memory_budget="4KiB")
     assert_same(r.state_dict, methods.ties_merging(base, fts))

@@ -68,7 +68,7 @@ from typing import List, Literal, Optional, Sequence, Tuple
 import torch
 
 from .. import ops, selection
-from ..reference import philox_uniform
+from ..philox import philox_uniform
 
 Tensor = torch.Tensor
 

@@ -12,9 +12,9 @@ from .errors import (CalmFastIOError, CheckpointError, ConfigError, MismatchErro
 from .formats import (Checkpoint, LoraCheckpoint, SafetensorsCheckpoint, SafetensorsFile, StateDictCheckpoint,
                       TensorInfo, TorchCheckpoint, extract_state_dict, find_aliases, format_bytes, is_lora_adapter,
                       load_state_dict, lora_deltas, open_checkpoint, parse_dtype, parse_size, resolve_path,
-                      save_state_dict, torch_load)
+                      torch_load)
 from .publish import AtomicOutput, atomic_write_file
-from .writer import (DictWriter, OutputSpec, SafetensorsWriter, copy_aux_files, plan_shards)
+from .writer import (DictWriter, OutputSpec, SafetensorsWriter, copy_aux_files, plan_shards, save_state_dict)
 
 __all__ = [
     "CalmFastIOError", "CheckpointError", "ConfigError", "MismatchError", "NonFiniteError", "OutputError",

@@ -1014,38 +1014,3 @@ def load_state_dict(source, **kwargs) -> Dict[str, Tensor]:
     finally:
         if not isinstance(source, Checkpoint):
             ck.close()
-
-
-def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, metadata: Optional[Mapping[str, str]] = None,
-                    max_shard_size: Union[None, int, str] = None, dtype=None, overwrite: bool = False,
-                    output=None) -> List[str]:
-    """Write a state dict as safetensors, atomically: staged in a hidden folder beside ``path`` and published
-    with one rename when complete (:class:`~calm_fast.io.publish.AtomicOutput`).
-
-    ``path``: a ``.safetensors`` file, or a folder (``model.safetensors``, or ``model-0000i-of-0000n``
-    shards and ``model.safetensors.index.json`` when larger than ``max_shard_size``).  ``overwrite``
-    replaces an existing output as a whole (a folder is swapped for the new one).  ``output``: an open
-    :class:`~calm_fast.io.publish.AtomicOutput` to stage the file(s) in instead (``path``'s file name is used
-    inside it; its owner publishes), e.g. to save several state dicts and a JSON file as one folder.  ``dtype`` converts
-    floating tensors.  Tied tensors are written once (aliases recorded in the metadata).  Returns the
-    written paths.
-    """
-    from .writer import OutputSpec, SafetensorsWriter
-
-    dtype = parse_dtype(dtype)
-    aliases = find_aliases(state_dict)
-    specs = []
-    for k, v in state_dict.items():
-        if k in aliases:
-            continue
-        want = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
-        specs.append(OutputSpec(k, tuple(v.shape), want))
-    meta = dict(metadata or {})
-    if aliases:
-        meta.setdefault("calm_fast.aliases", json.dumps(aliases, sort_keys=True))
-    with SafetensorsWriter(path, specs, metadata=meta, max_shard_size=max_shard_size, overwrite=overwrite,
-                           output=output) as w:
-        for s in specs:
-            w.write(s.name, state_dict[s.name].detach().to("cpu", s.dtype))
-        w.commit()
-        return w.final_paths

@@ -25,7 +25,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .errors import OutputError
-from .formats import element_size, format_bytes, parse_size, safetensors_dtype_name
+from .formats import PathLike, element_size, find_aliases, format_bytes, parse_dtype, parse_size, safetensors_dtype_name
 from .publish import AtomicOutput, atomic_write_file
 
 Tensor = torch.Tensor
@@ -187,12 +187,19 @@ class SafetensorsWriter(OutputSink):
     (created here, or passed as ``output=`` by a caller that stages more files beside the weights and
     publishes itself; :meth:`commit` then only finishes the files).  ``protect``: input paths the output
     must not touch (see :class:`~calm_fast.io.publish.AtomicOutput`).
+
+    Several processes can write one output (the distributed merge): one creates the writer as above (the
+    files, with their headers, exist once it returns); the others pass ``attach=<its staging folder>`` and
+    open those files to write into them.  ``owned``: the tensors this process writes (:meth:`missing` and
+    :meth:`commit` check only those); ``index=False``: :meth:`commit` does not write the index of a sharded
+    output (the owner calls :meth:`write_index` once every process has finished).
     """
 
     def __init__(self, path: Union[str, os.PathLike], specs: Sequence[OutputSpec], *,
                  metadata: Optional[Mapping[str, str]] = None, max_shard_size: Union[None, int, str] = DEFAULT_SHARD_SIZE,
                  overwrite: bool = False, fsync: bool = True, output: Optional[AtomicOutput] = None,
-                 protect: Sequence[Union[str, os.PathLike]] = ()):
+                 protect: Sequence[Union[str, os.PathLike]] = (), owned: Optional[Sequence[str]] = None,
+                 attach: Union[None, str, os.PathLike] = None, index: bool = True):
         path = Path(path)
         single = path.name if path.suffix == ".safetensors" else None
         self._single_name = single is not None
@@ -210,6 +217,11 @@ class SafetensorsWriter(OutputSink):
                 self._where[s.name] = (i, len(lay.header) + lay.offsets[s.name], s)
         self._coverage = {name: _Coverage() for name in self._where}
         self._fds: List[int] = []
+        self._owned = None if owned is None else set(owned)
+        self._index = index
+        if attach is not None:
+            self._attach(Path(attach), path)
+            return
         self._owns_output = output is None
         if output is None:
             output = AtomicOutput(path, overwrite=overwrite, single_file=single is not None, protect=protect,
@@ -232,6 +244,28 @@ class SafetensorsWriter(OutputSink):
             self.abort()
             if isinstance(e, OSError) and not isinstance(e, OutputError):
                 raise OutputError(f"cannot create the output {path}: {e.strerror or e}") from e
+            raise
+
+    def _attach(self, staging: Path, path: Path) -> None:
+        """Open the files another process created in ``staging`` (same specs, metadata and shard size)."""
+        self._owns_output = False
+        self.output = None
+        self._tmp_paths = [str(staging / lay.filename) for lay in self.layouts]
+        target = Path(os.path.abspath(os.fspath(path)))
+        self.final_paths = [str(target) if self._single_name else str(target / lay.filename) for lay in self.layouts]
+        if self.sharded:
+            self.final_paths.append(str(target / INDEX_NAME))
+        try:
+            for lay, tmp in zip(self.layouts, self._tmp_paths):
+                fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+                self._fds.append(fd)
+                if os.fstat(fd).st_size != lay.file_bytes or os.pread(fd, len(lay.header), 0) != lay.header:
+                    raise OutputError(f"{tmp} does not have the layout this process planned (the processes of a "
+                                      "distributed merge disagree on the output: same inputs, config and version?)")
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError) and not isinstance(e, OutputError):
+                raise OutputError(f"cannot open the staged output {staging}: {e.strerror or e}") from e
             raise
 
     # -- checks --------------------------------------------------------------------------------
@@ -322,7 +356,16 @@ class SafetensorsWriter(OutputSink):
 
     # -- completion ------------------------------------------------------------------------------
     def missing(self) -> List[str]:
-        return [n for n, (_, _, s) in self._where.items() if not self._coverage[n].complete(s.numel)]
+        return [n for n, (_, _, s) in self._where.items() if (self._owned is None or n in self._owned)
+                and not self._coverage[n].complete(s.numel)]
+
+    def write_index(self) -> None:
+        """Write the index of a sharded output into the staging folder (done by :meth:`commit` unless
+        ``index=False``)."""
+        if self.sharded and self.output is not None:
+            index = {"metadata": {"total_size": sum(lay.data_bytes for lay in self.layouts), **self.metadata},
+                     "weight_map": {s.name: lay.filename for lay in self.layouts for s in lay.specs}}
+            self.output.write_json(INDEX_NAME, index)
 
     def commit(self) -> List[str]:
         """Verify that every tensor was fully written, sync and close the files, write the index of a
@@ -341,10 +384,8 @@ class SafetensorsWriter(OutputSink):
             for fd in self._fds:
                 os.close(fd)
             self._fds = []
-            if self.sharded:
-                index = {"metadata": {"total_size": sum(lay.data_bytes for lay in self.layouts), **self.metadata},
-                         "weight_map": {s.name: lay.filename for lay in self.layouts for s in lay.specs}}
-                self.output.write_json(INDEX_NAME, index)
+            if self._index:
+                self.write_index()
             if self._owns_output:
                 self.output.publish()
         except BaseException as e:
@@ -455,3 +496,36 @@ def copy_aux_files(src_folder: Union[str, os.PathLike], out: Union[AtomicOutput,
         else:
             copied.append(atomic_write_file(Path(out) / name, data, overwrite=overwrite))
     return copied
+
+
+def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, *, metadata: Optional[Mapping[str, str]] = None,
+                    max_shard_size: Union[None, int, str] = None, dtype=None, overwrite: bool = False,
+                    output=None) -> List[str]:
+    """Write a state dict as safetensors, atomically: staged in a hidden folder beside ``path`` and published
+    with one rename when complete (:class:`~calm_fast.io.publish.AtomicOutput`).
+
+    ``path``: a ``.safetensors`` file, or a folder (``model.safetensors``, or ``model-0000i-of-0000n``
+    shards and ``model.safetensors.index.json`` when larger than ``max_shard_size``).  ``overwrite``
+    replaces an existing output as a whole (a folder is swapped for the new one).  ``output``: an open
+    :class:`~calm_fast.io.publish.AtomicOutput` to stage the file(s) in instead (``path``'s file name is used
+    inside it; its owner publishes), e.g. to save several state dicts and a JSON file as one folder.  ``dtype`` converts
+    floating tensors.  Tied tensors are written once (aliases recorded in the metadata).  Returns the
+    written paths.
+    """
+    dtype = parse_dtype(dtype)
+    aliases = find_aliases(state_dict)
+    specs = []
+    for k, v in state_dict.items():
+        if k in aliases:
+            continue
+        want = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
+        specs.append(OutputSpec(k, tuple(v.shape), want))
+    meta = dict(metadata or {})
+    if aliases:
+        meta.setdefault("calm_fast.aliases", json.dumps(aliases, sort_keys=True))
+    with SafetensorsWriter(path, specs, metadata=meta, max_shard_size=max_shard_size, overwrite=overwrite,
+                           output=output) as w:
+        for s in specs:
+            w.write(s.name, state_dict[s.name].detach().to("cpu", s.dtype))
+        w.commit()
+        return w.final_paths

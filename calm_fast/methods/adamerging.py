@@ -299,7 +299,7 @@ class AdaMergingResult:
         ``directory``, staged and published with one rename (:class:`calm_fast.io.AtomicOutput`), so the
         folder holds the complete result or is left as it was.  An existing ``directory`` is an error
         unless ``overwrite``.  Returns the directory's path."""
-        from ..io.formats import save_state_dict
+        from ..io.writer import save_state_dict
         from ..io.publish import AtomicOutput
 
         with AtomicOutput(directory, overwrite=overwrite, single_file=False) as out:

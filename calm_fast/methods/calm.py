@@ -230,7 +230,7 @@ class CalmResult:
         swapped atomically), so ``directory`` either holds the complete result or is left as it was.
         An existing ``directory`` is an error unless ``overwrite``.  Returns the directory's path.
         """
-        from ..io.formats import save_state_dict
+        from ..io.writer import save_state_dict
         from ..io.publish import AtomicOutput
 
         with AtomicOutput(directory, overwrite=overwrite, single_file=False) as out:

@@ -67,7 +67,7 @@ class DogeResult:
         and last loss per key) into ``directory``, staged and published with one rename
         (:class:`calm_fast.io.AtomicOutput`): the folder holds the complete result or is left as it was.
         An existing ``directory`` is an error unless ``overwrite``.  Returns its path."""
-        from ..io.formats import save_state_dict
+        from ..io.writer import save_state_dict
         from ..io.publish import AtomicOutput
 
         extra = {f"delta.{k}": self.delta[k].detach().cpu().contiguous() for k in self.keys}
