@@ -390,6 +390,19 @@ class _RankWriter:
         if not all(oks):  # pragma: no cover - a failed rank raises instead of reporting False
             raise self.dist.DistributedError("a rank failed before the output was published")
 
+    def publish(self, publisher, report, info: Dict[str, Any]) -> None:
+        """Rank 0, output staged: stage the JSON report, wait for every rank's success, publish, and tell
+        every rank whether the publication worked."""
+        if report is not None:
+            report.stage(info)
+        self.agree()
+        try:
+            publisher.publish()
+        except BaseException:
+            self.done(False)
+            raise
+        self.done(True)
+
     def done(self, ok: bool) -> None:
         if not self.on:
             return
@@ -655,15 +668,7 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
             info["timings"]["total"] = time.perf_counter() - t_start
             info["paths"] = paths
             info["record"] = {k: record.get(k) for k in ("steps", "timings") if k in record}
-            if report is not None:
-                report.stage(info)
-            ranks.agree()
-            try:
-                publisher.publish()
-            except BaseException:
-                ranks.done(False)
-                raise
-            ranks.done(True)
+            ranks.publish(publisher, report, info)
         if report is not None:
             report.finish(info)
     finally:
@@ -919,15 +924,7 @@ def run_doge(args: argparse.Namespace) -> int:
                 paths.append(publisher.final_path("doge_ta_record.json"))
             info["timings"].update(write=time.perf_counter() - t0, total=time.perf_counter() - t_start)
             info["paths"] = paths
-            if report is not None:
-                report.stage(info)
-            ranks.agree()
-            try:
-                publisher.publish()
-            except BaseException:
-                ranks.done(False)
-                raise
-            ranks.done(True)
+            ranks.publish(publisher, report, info)
         if report is not None:
             report.finish(info)
     finally:

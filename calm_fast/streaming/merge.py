@@ -182,16 +182,9 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
             with publisher:
                 sink = SafetensorsWriter(output, plan.out_specs, metadata=meta, output=publisher,
                                          max_shard_size=None if single else max_shard_size, overwrite=overwrite)
-                result.paths = list(_run_engine(plan, sink, timer, result, progress, nonfinite, device, prefetch))
-                src = base if isinstance(base, (str, os.PathLike)) else None
-                if copy_config and src is not None and Path(src).is_dir() and not single:
-                    result.paths += copy_aux_files(src, publisher, out_dtype)
-                if before_publish is not None:
-                    result.timings = dict(timer.t, total=time.perf_counter() - t_start)
-                    before_publish(result)
-                t0 = time.perf_counter()
-                publisher.publish()
-                timer.add("write", time.perf_counter() - t0)
+                paths = list(_run_engine(plan, sink, timer, result, progress, nonfinite, device, prefetch))
+                _stage_rest_and_publish(publisher, result, paths, base, copy_config and not single, out_dtype,
+                                        before_publish, timer, t_start)
     finally:
         for ck, src in zip([plan.base] + plan.models, [base] + list(models)):
             if not isinstance(src, Checkpoint):
@@ -233,6 +226,23 @@ def _comm_for(distributed: Optional[bool]) -> Optional[Comm]:
         return None  # torchrun with one process: the one-process merge
     raise ConfigError("distributed=True needs torch.distributed: launch with torchrun (e.g. torchrun "
                       "--nproc-per-node 2 -m calm_fast.cli merge ...) or initialise a process group first")
+
+
+def _stage_rest_and_publish(publisher: AtomicOutput, result: StreamResult, paths: List[str], base: Any,
+                            copy_config: bool, out_dtype, before_publish: Optional[Callable], timer: _Timer,
+                            t_start: float) -> None:
+    """After the shards are complete: stage the base's config/tokenizer files, let ``before_publish`` stage
+    its report (the last thing that may fail), then publish the staging folder with one rename."""
+    result.paths = paths
+    src = base if isinstance(base, (str, os.PathLike)) else None
+    if copy_config and src is not None and Path(src).is_dir():
+        result.paths += copy_aux_files(src, publisher, out_dtype)
+    if before_publish is not None:
+        result.timings = dict(timer.t, total=time.perf_counter() - t_start)
+        before_publish(result)
+    t0 = time.perf_counter()
+    publisher.publish()
+    timer.add("write", time.perf_counter() - t0)
 
 
 def _merge_distributed(plan: MergePlan, shard: RankShard, comm: Comm, result: StreamResult, timer: _Timer,
@@ -279,16 +289,8 @@ def _merge_distributed(plan: MergePlan, shard: RankShard, comm: Comm, result: St
         if rank == 0:
             try:
                 sink.write_index()  # the index and the metadata last
-                result.paths = paths
-                src = base if isinstance(base, (str, os.PathLike)) else None
-                if copy_config and src is not None and Path(src).is_dir() and not single:
-                    result.paths += copy_aux_files(src, publisher, out_dtype)
-                if before_publish is not None:
-                    result.timings = dict(timer.t, total=time.perf_counter() - t_start)
-                    before_publish(result)
-                t0 = time.perf_counter()
-                publisher.publish()
-                timer.add("write", time.perf_counter() - t0)
+                _stage_rest_and_publish(publisher, result, paths, base, copy_config and not single, out_dtype,
+                                        before_publish, timer, t_start)
             except BaseException as e:
                 comm.broadcast_object(("error", f"rank 0 could not publish the output: {type(e).__name__}: {e}"),
                                       "publishing")
