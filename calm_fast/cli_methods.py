@@ -384,9 +384,7 @@ class _RankWriter:
     def agree(self) -> None:
         if not self.on:
             return
-        from .methods._parallel import _collective
-
-        oks = _collective("merge: agreement before publishing", self.dist.all_gather_object, True)
+        oks = self.dist.guarded("merge: agreement before publishing", self.dist.all_gather_object, True)
         if not all(oks):  # pragma: no cover - a failed rank raises instead of reporting False
             raise self.dist.DistributedError("a rank failed before the output was published")
 
@@ -406,9 +404,7 @@ class _RankWriter:
     def done(self, ok: bool) -> None:
         if not self.on:
             return
-        from .methods._parallel import _collective
-
-        flags = _collective("merge: publication", self.dist.all_gather_object, ok)
+        flags = self.dist.guarded("merge: publication", self.dist.all_gather_object, ok)
         if not flags[0]:
             raise self.dist.DistributedError("rank 0 could not publish the output (see its error)")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -185,6 +185,18 @@ def all_gather_tensor(tensor: torch.Tensor) -> List[torch.Tensor]:
     out = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(out, padded)
     return [o[:m] for o, m in zip(out, lengths)]
+
+
+def guarded(what: str, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` for a collective: a failure of the group (a rank died or left, a timeout; gloo and NCCL
+    report these as ``RuntimeError``) becomes :class:`DistributedError` naming ``what``."""
+    try:
+        return fn(*args)
+    except DistributedError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        raise DistributedError(f"rank {rank()}: {what} failed (another rank failed or timed out): "
+                               f"{type(e).__name__}: {e}") from e
 
 
 def assign_by_cost(costs: Sequence[int], n_ranks: int) -> List[int]:

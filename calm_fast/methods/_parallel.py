@@ -33,17 +33,6 @@ Tensor = torch.Tensor
 DP_REDUCTIONS = ("allreduce", "exact")
 
 
-def _collective(what: str, fn: Callable, *args):
-    """Run a collective; a failure of the group (a rank died, a timeout) becomes :class:`DistributedError`."""
-    try:
-        return fn(*args)
-    except DistributedError:
-        raise
-    except (RuntimeError, ValueError) as e:  # gloo/NCCL report a dead peer or a timeout as RuntimeError
-        raise DistributedError(f"rank {distributed.rank()}: {what} failed (another rank failed or timed out): "
-                               f"{type(e).__name__}: {e}") from e
-
-
 class DataParallel:
     """Which batches this rank runs and how the gradients are combined (see the module docstring).
 
@@ -78,7 +67,7 @@ class DataParallel:
     def all_reduce_(self, flat: Tensor) -> Tensor:
         """Sum one flat buffer across the ranks in place (one collective)."""
         if self.active:
-            _collective(f"{self.method}: all_reduce", distributed.all_reduce_sum_, flat)
+            distributed.guarded(f"{self.method}: all_reduce", distributed.all_reduce_sum_, flat)
         return flat
 
     def exact_rounds(self, n: int, compute: Callable[[int], Tensor], consume: Callable[[int, Tensor], None],
@@ -90,7 +79,7 @@ class DataParallel:
         for a in range(0, n, W):
             j = a + self.rank
             local = compute(j).reshape(-1).to(like.dtype) if j < n else like.new_empty(0)
-            parts = _collective(f"{self.method}: all_gather", distributed.all_gather_tensor, local)
+            parts = distributed.guarded(f"{self.method}: all_gather", distributed.all_gather_tensor, local)
             for r, vec in enumerate(parts):
                 if a + r < n:
                     consume(a + r, vec)
@@ -112,7 +101,7 @@ class DataParallel:
         must be the same on every rank."""
         if not self.active:
             return
-        values = _collective(f"{self.method}: all_gather_object", distributed.all_gather_object, value)
+        values = distributed.guarded(f"{self.method}: all_gather_object", distributed.all_gather_object, value)
         if any(v != values[0] for v in values[1:]):
             raise DistributedError(f"{self.method}: the ranks disagree on {what} (a batch sampler must be a pure "
                                    "function of its arguments under data parallelism)")
@@ -132,13 +121,13 @@ def sharded_logits(dp: DataParallel, adapter: ModelAdapter, params, task, inputs
     mine = [adapter.logits(params, task, select_batch(inputs, ids, adapter.device)).float()
             for i, ids in enumerate(batches) if dp.mine(i)]
     C = torch.tensor([mine[0].shape[1] if mine else -1], dtype=torch.int64, device=adapter.device)
-    classes = {int(c) for c in _collective(f"{dp.method}: all_gather", distributed.all_gather_tensor, C)} - {-1}
+    classes = {int(c) for c in distributed.guarded(f"{dp.method}: all_gather", distributed.all_gather_tensor, C)} - {-1}
     if len(classes) != 1:
         raise DistributedError(f"{dp.method}: the ranks computed logits with different class counts {sorted(classes)}")
     (C,) = classes
     dev = adapter.device
     local = torch.cat([z.reshape(-1) for z in mine]).to(dev) if mine else torch.empty(0, device=dev)
-    parts = _collective(f"{dp.method}: all_gather", distributed.all_gather_tensor, local)
+    parts = distributed.guarded(f"{dp.method}: all_gather", distributed.all_gather_tensor, local)
     per_rank = [p.view(-1, C) for p in parts]
     cursor = [0] * dp.world
     out: List[Tensor] = []
@@ -176,7 +165,7 @@ def gather_items(owner: Sequence[int], local: Dict[int, Tensor], dtype: torch.dt
     dev = torch.device(device) if device is not None else torch.device("cpu")
     flat = (torch.cat([local[i].reshape(-1).to(dev, dtype) for i in mine]) if mine
             else torch.empty(0, dtype=dtype, device=dev))
-    parts = _collective(f"{method}: all_gather", distributed.all_gather_tensor, flat)
+    parts = distributed.guarded(f"{method}: all_gather", distributed.all_gather_tensor, flat)
     out: List[Optional[Tensor]] = [None] * len(owner)
     cursor = [0] * len(parts)
     for i, r in enumerate(owner):
