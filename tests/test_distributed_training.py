@@ -530,3 +530,25 @@ def test_cli_doge_ta_on_two_ranks_equals_the_api(tmp_path):
     got = load_state_dict(str(tmp_path / "out"))
     equal(dict(sorted(got.items())), dict(sorted(want.items())), "doge_ta CLI on 2 ranks")
     assert res.stdout.count("method: doge_ta") == 1
+
+
+def _cli_fails_after_training(cfg, out):
+    # rank 1 trains with rank 0, then fails where it would confirm its success: rank 0 has staged the output
+    # by then and must not publish it
+    from calm_fast import cli, cli_methods, distributed
+
+    if distributed.rank() == 1:
+        def planted(self):
+            raise RuntimeError("planted failure after training on rank 1")
+
+        cli_methods._RankWriter.agree = planted
+    return cli.main(["merge", "-c", str(cfg), "--out", str(out), "--no-progress", "-q"])
+
+
+def test_cli_a_rank_failing_after_training_stops_the_publication(tmp_path):
+    cfg = _calm_config(tmp_path, "unused")
+    before = set(os.listdir(tmp_path))
+    codes = run_ranks(_cli_fails_after_training, 2, str(cfg), str(tmp_path / "out"), timeout=120,
+                      env={"CALM_FAST_DIST_TIMEOUT": "30"})
+    assert codes == [7, 1], codes  # rank 0: DistributedError; rank 1: its own (internal) error
+    assert set(os.listdir(tmp_path)) == before  # no output, no staging folder, no lock left behind
