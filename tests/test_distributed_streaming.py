@@ -377,3 +377,30 @@ def test_cli_exit_codes_on_ranks(tmp_path, gen):
     assert [r[0] for r in res] == [2, 2]
     assert sorted(r[1] for r in res) == [5, 7]
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def _mismatched_merge(bp, mp, out, what):
+    """Ranks called with different arguments: rank 1 gets another density, or another output folder."""
+    import calm_fast.distributed as D
+
+    kw = {"density": 0.3}
+    if D.rank() == 1:
+        if what == "density":
+            kw["density"] = 0.4
+        else:
+            out = out + "_elsewhere"
+    try:
+        merge_checkpoints(bp, mp, "ties", output=out, distributed=True, **kw)
+    except DistributedError as e:
+        return f"DistributedError: {e}"
+    return "finished"
+
+
+@pytest.mark.parametrize("what", ["density", "output"])
+def test_ranks_called_with_different_merges_are_an_error_on_every_rank(tmp_path, gen, what):
+    base, fts = _models(gen, torch.float32)
+    bp, mp = _save(tmp_path, "m", base, fts)
+    (tmp_path / "out").mkdir()
+    res = run_ranks(_mismatched_merge, 2, bp, mp, str(tmp_path / "out" / "merged"), what, timeout=60)
+    assert all(r.startswith("DistributedError") and "different merges" in r for r in res), res
+    assert os.listdir(tmp_path / "out") == []  # nothing read into an output, nothing staged, no lock

@@ -391,6 +391,32 @@ def test_ranks_that_draw_different_batches_are_an_error():
         assert kind == "error" and "DistributedError" in text and "disagree on the batches" in text, text
 
 
+def _rank_dependent_settings(method, what):
+    from calm_fast import distributed
+
+    torch.set_num_threads(1)
+    samples = [30, 26] if (what != "data" or distributed.rank() == 0) else [30, 27]
+    adapter, pre, fts, data = _problem(3, ["a", "b"], samples, [3, 4])
+    if method == "calm":
+        it = 3 if (what != "setting" or distributed.rank() == 0) else 4
+        calm_fast.calm(pre, fts, adapter, data, iterations=it, sparsity=0.05, batch_size=8, progress=False,
+                       schedule=[["a"], ["b"]])
+    else:
+        lr = 1e-3 if (what != "setting" or distributed.rank() == 0) else 2e-3
+        calm_fast.adamerging(pre, fts, adapter, data, steps=2, lr=lr, progress=False)
+
+
+@pytest.mark.parametrize("method,what", [("calm", "setting"), ("adamerging", "setting"), ("adamerging", "data")])
+def test_ranks_called_with_different_settings_or_data_are_an_error(method, what):
+    # another iteration count / learning rate, or one more sample on one rank (a data file that differs on
+    # one node): every rank stops before training instead of averaging gradients of different runs
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(_rank_dependent_settings, 2, method, what, timeout=60, env={"CALM_FAST_DIST_TIMEOUT": "30"})
+    for r in (0, 1):
+        kind, text = info.value.outcomes[r]
+        assert kind == "error" and "DistributedError" in text and "settings, tensors and data sizes" in text, text
+
+
 def test_bad_settings():
     adapter, pre, fts, data = _problem(3, ["a", "b"], [30, 26], [3, 4])
     with pytest.raises(ValueError, match="dp_reduction"):

@@ -19,8 +19,10 @@ Every rank ends each iteration with identical parameters; results are identical 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -94,7 +96,23 @@ class DataParallel:
             task, ids = item[-2], item[-1]
             crc = zlib.crc32(str(task).encode(), crc)
             crc = zlib.crc32(ids.numpy().tobytes(), crc)
-        self.check_same((len(batches), crc), what)
+        self.check_same((len(batches), crc), f"{what} (a batch sampler must be a pure function of its arguments "
+                        "under data parallelism)")
+
+    def check_same_run(self, settings: Mapping[str, Any], tensors: Sequence[Tuple[str, Sequence[int]]],
+                       sizes: Sequence[int]) -> None:
+        """Raise :class:`DistributedError` on every rank unless every rank was called with the same settings,
+        the same trained tensors (names and shapes) and the same number of samples per task: one digest
+        compared once, before the first batch, so that ranks called differently (another learning rate, a
+        data file that differs on one node) stop instead of training a mixture."""
+        if not self.active:
+            return
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps({k: settings[k] for k in sorted(settings)}, default=str).encode())
+        h.update(json.dumps([[n, list(sh)] for n, sh in tensors]).encode())
+        h.update(json.dumps([int(n) for n in sizes]).encode())
+        self.check_same(h.hexdigest(), "the method's settings, tensors and data sizes (every rank must be "
+                        "called with the same arguments)")
 
     def check_same(self, value, what: str) -> None:
         """Raise on every rank when ranks disagree on ``value`` (a small picklable value): the batch lists
@@ -103,8 +121,7 @@ class DataParallel:
             return
         values = distributed.guarded(f"{self.method}: all_gather_object", distributed.all_gather_object, value)
         if any(v != values[0] for v in values[1:]):
-            raise DistributedError(f"{self.method}: the ranks disagree on {what} (a batch sampler must be a pure "
-                                   "function of its arguments under data parallelism)")
+            raise DistributedError(f"{self.method}: the ranks disagree on {what}")
 
 
 @torch.no_grad()

@@ -395,6 +395,11 @@ class CoefficientTrainer:
             cls = ShuffledBatchSampler if settings["sampler"] == "reshuffle" else CyclingBatchSampler
             batch_sampler = cls(seed, int(settings["batch_size"]), int(settings["batches_per_task"]))
         self.sampler = batch_sampler
+        self.dp.check_same_run({**settings, "method": method, "granularity": granularity, "seed": seed,
+                                "tasks": self.tasks, "run_cols": list(run_cols), "num_keys": self.num_keys,
+                                "reduction": dp_reduction},
+                               list(zip(self.fp.names, self.fp.shapes)), [num_samples(data[t]) for t in self.tasks
+                                                                         if t in data])
         shape = (self.T, self.num_keys) if granularity == "layer" else (self.T,)
         self.raw = torch.full(shape, float(settings["init"]), dtype=torch.float32, device=self.device)
         self.raw.requires_grad_(True)

@@ -362,6 +362,12 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             _check_classes(adapter, t, z.shape[1], "teacher_logits")
     check_eval_data(adapter, evals, "calm")
 
+    dp.check_same_run({"tasks": tasks, "schedule": groups, "ratio": ratio, "class_balanced": class_balanced,
+                       "iterations": iterations, "batch_size": batch_size, "batches_per_task": batches_per_task,
+                       "eta": eta, "alpha": alpha, "sparsity": sparsity, "sigmoid_bias": sigmoid_bias,
+                       "ta_scaling": ta_scaling, "faithful": faithful, "batch_reduction": batch_reduction,
+                       "seed": seed, "teacher_logits": sorted(given_logits), "reduction": dp_reduction},
+                      [(k, tuple(pretrained[k].shape)) for k in masked], [num_samples(data[t]) for t in needs_data])
     base_cpu = [pretrained[k] for k in masked]
     same_dtype = len({x.dtype for x in base_cpu}) <= 1
     base = [x.to(device) if same_dtype else x.to(device, torch.float32) for x in base_cpu]

@@ -15,6 +15,8 @@ Launched by ``torchrun`` (gloo on CPU, NCCL on GPU); see :func:`calm_fast.stream
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
@@ -84,6 +86,38 @@ def describe_shards(shards: List[RankShard]) -> str:
                      f"{st['copied_tensors']} copied), reads {format_bytes(st['read_bytes'])}, writes "
                      f"{format_bytes(st['write_bytes'])}, memory estimate {format_bytes(st['memory_bytes'])}")
     return "\n".join(lines)
+
+
+def plan_fingerprint(plan: MergePlan, settings: Dict[str, Any]) -> str:
+    """A digest of everything the ranks must agree on: the method, its parameters, the weight table, every
+    output tensor (name, action, shape, dtypes, sources, adjustments), the memory budget and ``settings``
+    (the output path, the non-finite policy...).  Equal digests on every rank = the same merge."""
+    from .params import _jsonable
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([plan.method, _jsonable(plan.params), plan.group_budget, plan.merged_keys,
+                         {k: str(v) for k, v in settings.items()}], sort_keys=True, default=str).encode())
+    if plan.weights is not None:
+        h.update(plan.weights.contiguous().numpy().tobytes())
+    for t in plan.tensors:
+        h.update(repr((t.name, t.action, tuple(t.shape), str(t.base_dtype), str(t.out_dtype),
+                       str(t.compute_dtype), t.col, list(t.src_keys), list(t.adjust))).encode())
+    return h.hexdigest()
+
+
+def check_same_plan(comm: "Comm", plan: MergePlan, settings: Dict[str, Any]) -> None:
+    """Every rank's plan digest, compared: ranks called with different arguments (another density, a
+    relative path resolved in another folder, a different file) raise :class:`DistributedError` on every
+    rank, before anything is read or written, instead of merging a mixture."""
+    digests = comm.gather_object(plan_fingerprint(plan, settings), "comparing the ranks' merge plans")
+    if len(set(digests)) > 1:
+        groups: Dict[str, List[int]] = {}
+        for r, d in enumerate(digests):
+            groups.setdefault(d, []).append(r)
+        parts = "; ".join(f"ranks {g}" for g in groups.values())
+        raise D.DistributedError(f"rank {comm.rank}: the ranks were called with different merges ({parts} "
+                                 "agree among themselves): every rank must get the same models, method, "
+                                 "parameters and output")
 
 
 class _LocalComm:

@@ -18,7 +18,7 @@ from ..io.writer import DictWriter, OutputSink, SafetensorsWriter, copy_aux_file
 from .engine import _run_engine
 from .params import _jsonable
 from .plan import MergePlan, build_plan
-from .distributed import CHECK_INTERVAL_S, Comm, RankShard, shard_plan
+from .distributed import CHECK_INTERVAL_S, Comm, RankShard, check_same_plan, shard_plan
 from .runtime import StreamResult, _Timer
 
 Tensor = torch.Tensor
@@ -146,6 +146,8 @@ def merge_checkpoints(base, models: Sequence, method: str = "ties_merging", *, o
     comm = _comm_for(distributed)
     shard = None
     if comm is not None:
+        check_same_plan(comm, plan, {"output": os.path.abspath(output) if output is not None else None,
+                                     "nonfinite": nonfinite, "dry_run": dry_run, "overwrite": overwrite})
         shards = shard_plan(plan, comm.world_size)
         shard = shards[comm.rank]
         result.rank, result.world_size = comm.rank, comm.world_size
