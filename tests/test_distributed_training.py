@@ -72,9 +72,16 @@ def _calm_summary(res):
             "dp": res.config["data_parallel"]}
 
 
+def _evals(seed, names, classes, n=70):
+    """Labelled evaluation data: 70 samples in batches of 40 (CALM_KW's eval_batch_size) are two batches,
+    one per rank."""
+    g = torch.Generator().manual_seed(seed + 7)
+    return {t: (torch.randn(n, 12, generator=g), torch.randint(0, C, (n,), generator=g)) for t, C in zip(names, classes)}
+
+
 def _calm_runs(seed):
     adapter, pre, fts, data = _problem(seed, CALM_NAMES, CALM_SAMPLES, CALM_CLASSES)
-    evals = {n: (data[n][:20], torch.zeros(20, dtype=torch.int64)) for n in CALM_NAMES}
+    evals = _evals(seed, CALM_NAMES, CALM_CLASSES)
     out = {}
     for faithful in (False, True):
         for how in ("single", "exact", "allreduce"):
@@ -107,9 +114,12 @@ def _ada_runs(seed, cases=tuple(ADA_CASES)):
         for how in ("single", "exact", "allreduce"):
             res = calm_fast.adamerging(pre, fts, adapter, data, progress=False, seed=3,
                                        data_parallel=False if how == "single" else None,
+                                       eval_data=_evals(seed, ADA_NAMES, [4, 4, 4]), eval_every=2,
+                                       eval_batch_size=40,
                                        dp_reduction="allreduce" if how == "single" else how, **ADA_CASES[case])
             out[(case, how)] = {"state": res.state_dict, "lambdas": res.lambdas, "raw": res.raw_lambdas,
-                                "loss": res.loss, "entropy": res.entropy, "dp": res.config["data_parallel"]}
+                                "loss": res.loss, "entropy": res.entropy, "dp": res.config["data_parallel"],
+                                "acc": res.evaluations}
     return out
 
 
@@ -272,6 +282,7 @@ def test_adamerging_exact_is_bit_identical(two_ranks):
         equal(dp["state"], single["state"], case)
         for k in ("lambdas", "raw", "loss", "entropy"):
             equal(dp[k], single[k], f"{case} {k}")
+        assert dp["acc"] == single["acc"] and len(single["acc"]) >= 2, case  # evaluation batches split, counts summed
         assert float((single["lambdas"] - single["lambdas"][0, 0]).abs().max()) > 0 or case == "task"
 
 

@@ -99,6 +99,19 @@ class DataParallel:
         self.check_same((len(batches), crc), f"{what} (a batch sampler must be a pure function of its arguments "
                         "under data parallelism)")
 
+    def accuracy(self, adapter: ModelAdapter, params, task, inputs, labels: Tensor, batch_size: int) -> float:
+        """:func:`calm_fast.models.accuracy` with the evaluation batches split across the ranks (batch ``i`` on
+        rank ``i % W``) and the correct counts summed (integers: the same value as one process)."""
+        from ..models.base import accuracy
+
+        if not self.active:
+            return accuracy(adapter, params, task, inputs, labels, batch_size)
+
+        def reduce(count: Tensor) -> Tensor:
+            return distributed.guarded(f"{self.method}: all_reduce", distributed.all_reduce_sum_, count)
+
+        return accuracy(adapter, params, task, inputs, labels, batch_size, which=self.mine, reduce=reduce)
+
     def check_same_run(self, settings: Mapping[str, Any], tensors: Sequence[Tuple[str, Sequence[int]]],
                        sizes: Sequence[int]) -> None:
         """Raise :class:`DistributedError` on every rank unless every rank was called with the same settings,

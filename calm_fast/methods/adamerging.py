@@ -80,7 +80,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .. import ops, selection
-from ..models.base import FlatParams, Inputs, ModelAdapter, accuracy, num_samples, select_batch
+from ..models.base import FlatParams, Inputs, ModelAdapter, num_samples, select_batch
 from ._common import Patterns, Prepared, StateDict, check_fraction, check_nonfinite, check_params, prepare
 from ._data import task_arguments
 from ._parallel import DataParallel
@@ -572,7 +572,7 @@ class CoefficientTrainer:
     def evaluate(self, evals: Mapping[str, Any], batch_size: int) -> Dict[str, float]:
         """Top-1 accuracy per task (and the mean) with the current coefficients."""
         self.merge_into_buffer(self._run_table())
-        acc = {t: accuracy(self.adapter, self.params, t, pair[0], torch.as_tensor(pair[1]), batch_size)
+        acc = {t: self.dp.accuracy(self.adapter, self.params, t, pair[0], torch.as_tensor(pair[1]), batch_size)
                for t, pair in evals.items()}
         if acc:
             acc["mean"] = sum(acc.values()) / len(acc)
@@ -673,7 +673,6 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
     key_set = set(prep.keys)
     keys = [k for k in prep.order if k in key_set]
     col_of = {k: i for i, k in enumerate(keys)}
-    l_of = {k: l for l, k in enumerate(prep.keys)}
     run_names = list(adapter.param_names())
     unknown = [k for k in run_names if k not in pretrained or not pretrained[k].is_floating_point()]
     if unknown:

@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import calm_ops, ops
-from ..models.base import FlatParams, Inputs, ModelAdapter, accuracy, num_samples, predict_logits, select_batch
+from ..models.base import FlatParams, Inputs, ModelAdapter, num_samples, select_batch
 from ._common import StateDict, prepare
 from ._data import check_eval_data, per_task
 from ._parallel import DataParallel, sharded_logits
@@ -408,7 +408,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
     steps: List[Dict[str, Any]] = [{"step": 0, "tasks": group0, "kind": "task_arithmetic"}]
     if evals:
         steps[0]["accuracy"] = _evaluate(adapter, masked, [b.float() + p for b, p in zip(base, tau_prev)], evals,
-                                         eval_batch_size)
+                                         eval_batch_size, dp)
 
     sampler = batch_sampler if batch_sampler is not None else RandomBatchSampler(seed, batch_size, batches_per_task)
     mode = "faithful" if faithful else "fused"
@@ -527,7 +527,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             if evals and eval_every and (it + 1) % eval_every == 0:
                 rounded = ops.calm_interpolate(base, tau_prev, tau_new, R, "round", out_float=True)
                 evals_in_loop.append({"iteration": it, "accuracy": _evaluate(adapter, masked, rounded, evals,
-                                                                             eval_batch_size)})
+                                                                             eval_batch_size, dp)})
                 del rounded
             if bar is not None:
                 bar.update(1)
@@ -554,7 +554,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
         }
         if evals:
             step_rec["accuracy"] = _evaluate(adapter, masked, [b.float() + p for b, p in zip(base, tau_prev)], evals,
-                                             eval_batch_size)
+                                             eval_batch_size, dp)
         # network_s: forward + backward (+ drawing batches); mask_update_s: accumulate + mask step.  Host
         # clock: on a GPU these are mostly launch times (step_s includes the step's final synchronisation).
         step_rec["timings"] = {"step_s": time.perf_counter() - t_step, "network_s": t_network,
@@ -577,7 +577,7 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
     if evals:
         with torch.no_grad():
             final_acc = _evaluate(adapter, masked, [b.float() + p for b, p in zip(base, tau_prev)], evals,
-                                  eval_batch_size)
+                                  eval_batch_size, dp)
     else:
         final_acc = None
     config = {
@@ -638,10 +638,12 @@ def _check_batches(batches: Sequence[Tensor], labels: Tensor, task: str, step: i
 
 
 def _evaluate(adapter: ModelAdapter, names: Sequence[str], values: Sequence[Tensor], evals: Mapping[str, Any],
-              batch_size: int) -> Dict[str, float]:
-    """Top-1 accuracy per task with the given merged tensors, and their mean."""
+              batch_size: int, dp: DataParallel) -> Dict[str, float]:
+    """Top-1 accuracy per task with the given merged tensors, and their mean (batches split across the
+    data-parallel ranks, counts summed)."""
     params = dict(zip(names, values))
-    acc = {t: accuracy(adapter, params, t, pair[0], torch.as_tensor(pair[1]), batch_size) for t, pair in evals.items()}
+    acc = {t: dp.accuracy(adapter, params, t, pair[0], torch.as_tensor(pair[1]), batch_size)
+           for t, pair in evals.items()}
     if acc:
         acc["mean"] = sum(acc.values()) / len(acc)
     return acc

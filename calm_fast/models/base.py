@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -274,13 +274,17 @@ def predict_logits(adapter: ModelAdapter, params: Union[FlatParams, Mapping[str,
 
 @torch.no_grad()
 def correct_count(adapter: ModelAdapter, params: Union["FlatParams", Mapping[str, Tensor]], task: Union[int, str],
-                  inputs: Inputs, labels: Tensor, batch_size: int = 256) -> Tensor:
-    """Number of correct top-1 predictions, an int64 scalar on the adapter's device (no host sync)."""
+                  inputs: Inputs, labels: Tensor, batch_size: int = 256,
+                  which: Optional[Callable[[int], bool]] = None) -> Tensor:
+    """Number of correct top-1 predictions, an int64 scalar on the adapter's device (no host sync).
+    ``which(i)``: count only the batches ``i`` it accepts (a data-parallel rank's share)."""
     if isinstance(params, FlatParams):
         params = params.as_dict()
     dev = adapter.device
     correct = torch.zeros((), dtype=torch.int64, device=dev)
-    for ids in iter_batches(num_samples(inputs), batch_size):
+    for i, ids in enumerate(iter_batches(num_samples(inputs), batch_size)):
+        if which is not None and not which(i):
+            continue
         pred = adapter.logits(params, task, select_batch(inputs, ids, dev)).argmax(-1)
         correct += (pred == labels.index_select(0, ids.to(labels.device)).to(pred.device)).sum()
     return correct
@@ -288,11 +292,17 @@ def correct_count(adapter: ModelAdapter, params: Union["FlatParams", Mapping[str
 
 @torch.no_grad()
 def accuracy(adapter: ModelAdapter, params: Mapping[str, Tensor], task: Union[int, str], inputs: Inputs,
-             labels: Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of task ``task`` on labelled data (one host sync at the end)."""
+             labels: Tensor, batch_size: int = 256,
+             which: Optional[Callable[[int], bool]] = None,
+             reduce: Optional[Callable[[Tensor], Tensor]] = None) -> float:
+    """Top-1 accuracy of task ``task`` on labelled data (one host sync at the end).  Data-parallel use:
+    ``which`` selects this rank's batches and ``reduce`` sums the int64 count across the ranks (exact)."""
     n = num_samples(inputs)
     if int(labels.shape[0]) != n:
         raise ValueError(f"accuracy: {n} inputs but {int(labels.shape[0])} labels")
     if n == 0:
         raise ValueError("accuracy: no samples")
-    return int(correct_count(adapter, params, task, inputs, labels, batch_size)) / n
+    count = correct_count(adapter, params, task, inputs, labels, batch_size, which)
+    if reduce is not None:
+        count = reduce(count)
+    return int(count) / n
