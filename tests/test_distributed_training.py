@@ -25,6 +25,8 @@ from calm_fast.methods.adamerging import CyclingBatchSampler
 from calm_fast.methods.calm import RandomBatchSampler
 from calm_fast.models import GenericAdapter
 from dist_harness import RanksFailed, run_ranks
+from test_adamerging import DogeNet  # the small networks of the one-process tests
+from test_calm import Net
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,16 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 # Small problems (fresh random weights and data from the seed)
 # ------------------------------------------------------------------------------------------------
-class Net(nn.Module):
-    def __init__(self, d=12, h=10, f=6):
-        super().__init__()
-        self.fc1 = nn.Linear(d, h)
-        self.fc2 = nn.Linear(h, f)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 def _problem(seed, names, samples, classes, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -121,31 +113,6 @@ def _ada_runs(seed, cases=tuple(ADA_CASES)):
                                 "loss": res.loss, "entropy": res.entropy, "dp": res.config["data_parallel"],
                                 "acc": res.evaluations}
     return out
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(12, 12)
-        self.fc1 = nn.Linear(12, 24)
-        self.fc2 = nn.Linear(24, 12)
-
-    def forward(self, x):
-        x = x + self.q(x)
-        return x + self.fc2(torch.tanh(self.fc1(x)))
-
-
-class DogeNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(8, 12)
-        self.encoder = nn.ModuleDict({"l0": Block(), "l1": Block()})
-
-    def forward(self, x):
-        x = self.embed(x)
-        for b in self.encoder.values():
-            x = b(x)
-        return x
 
 
 def _doge_problem(seed, T=3):
