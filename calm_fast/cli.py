@@ -526,7 +526,7 @@ class _JsonReport:
 
 
 def _jsonable(x):
-    from .streaming import _jsonable as j
+    from .streaming.params import _jsonable as j
 
     return j(x)
 

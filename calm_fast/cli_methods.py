@@ -416,7 +416,7 @@ def _progress(args) -> bool:
 def _metadata(name: str, params: Mapping[str, Any], sources: Mapping[str, Any],
               extra: Optional[Mapping[str, Any]]) -> Dict[str, str]:
     from . import __version__
-    from .streaming import _jsonable
+    from .streaming.params import _jsonable
 
     meta = {"calm_fast.method": name, "calm_fast.params": json.dumps(_jsonable(dict(params)), sort_keys=True,
                                                                       default=str),

@@ -8,7 +8,8 @@ import yaml
 
 from calm_fast import cli, config, methods
 from calm_fast.io import ConfigError, load_state_dict, save_state_dict
-from calm_fast.streaming import _METHOD_ALIASES, method_defaults
+from calm_fast.streaming import method_defaults
+from calm_fast.streaming.params import _METHOD_ALIASES
 
 
 def make_models(seed, T=2):

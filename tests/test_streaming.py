@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import calm_fast
 import calm_fast.streaming as S
+from calm_fast.streaming.engine import _Engine
 import calm_fast.streaming.params as SP
 from calm_fast import methods, ops
 from calm_fast.io import (CheckpointError, ConfigError, MismatchError, NonFiniteError, OutputError, load_state_dict,
@@ -94,7 +95,7 @@ def test_equals_in_memory(tmp_path, case, dtype):
     r = merge_checkpoints(bp, mp, name, output=tmp_path / "out", max_shard_size=2000, memory_budget="4KiB", **kw)
     assert_same(load_state_dict(tmp_path / "out"), want)
     assert r.passes == r.plan.num_passes and r.bracket_fallbacks == 0
-    assert r.passes == (2 if S._needs_global_threshold(r.plan.method, r.plan.params) else 1)
+    assert r.passes == (2 if SP._needs_global_threshold(r.plan.method, r.plan.params) else 1)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, torch.float16])
@@ -566,7 +567,7 @@ def test_bracket_miss_falls_back_to_radix(tmp_path, monkeypatch, how, case):
     base, fts = make_models(T=3, dtype=torch.bfloat16)
     bp, mp = save_models(tmp_path, base, fts)
     if how == "biased_sample":
-        monkeypatch.setattr(S._Engine, "_sample_abs_tau", lambda self, N: [torch.full((64,), 100.0)] * self.T)
+        monkeypatch.setattr(_Engine, "_sample_abs_tau", lambda self, N: [torch.full((64,), 100.0)] * self.T)
     else:
         monkeypatch.setattr(SP, "BRACKET_CANDIDATE_BYTES", 1)
     r = merge_checkpoints(bp, mp, name, memory_budget="4KiB", **kw)
