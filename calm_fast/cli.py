@@ -345,13 +345,48 @@ def _print_phase_table(result) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from . import distributed as D
+
+    created = _join_ranks(args)
+    try:
+        return _merge(args)
+    finally:
+        if created:
+            D.leave()
+
+
+def _join_ranks(args: argparse.Namespace) -> bool:
+    """Join the process group when ``torchrun`` started this process (``--distributed`` is then implied;
+    without torchrun it is a usage error).  Returns whether this call created the group (and so leaves it)."""
+    from . import distributed as D
+
+    if not D.launched_by_torchrun():
+        if getattr(args, "distributed", False):
+            from .io.errors import ConfigError
+
+            raise ConfigError("--distributed: not launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR and "
+                              "MASTER_PORT are not set); run e.g. torchrun --nproc-per-node 2 -m calm_fast.cli "
+                              "merge ... (or drop --distributed for a one-process merge)")
+        return False
+    import torch.distributed as dist
+
+    was = dist.is_available() and dist.is_initialized()
+    try:
+        D.init_from_env()
+    except (RuntimeError, ValueError) as e:
+        raise D.DistributedError(f"could not join the torchrun process group: {e}") from e
+    return not was
+
+
+def _merge(args: argparse.Namespace) -> int:
     from . import cli_methods
+    from . import distributed as D
     from .streaming import merge_checkpoints
 
     method = cli_methods.peek_method(args)
     if cli_methods.handles(method):  # in-memory methods (calm, doge_ta): their own config schema and flow
         return cli_methods.run(args, method)
-    distributed = _join_ranks(args)
+    distributed = D.is_distributed()
     if args.config:  # a config in mergekit's format means what mergekit means (calm_fast/mergekit_merge.py)
         from .mergekit_merge import config_format, run_mergekit_cli
 
@@ -364,29 +399,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
             return run_mergekit_cli(args)
 
     kwargs = build_merge_kwargs(args)
-    if distributed:
-        try:
-            return _merge_on_ranks(args, kwargs)
-        finally:
-            _leave_ranks()
     if not kwargs.get("output") and not args.dry_run:
         from .io.errors import ConfigError
 
         raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")
-    progress = not args.no_progress and not args.quiet and sys.stderr.isatty()
-    report = _JsonReport(args.json, args.dry_run, kwargs.get("output")) if args.json else None  # checked first
+    lead = D.rank() == 0  # on several ranks, rank 0 reports for all
+    progress = lead and not args.no_progress and not args.quiet and sys.stderr.isatty()
+    report = _JsonReport(args.json, args.dry_run, kwargs.get("output")) if (args.json and lead) else None
     try:
         # the report is written (to a temporary file) before the output is published, so nothing can fail
         # after the output appears; it is renamed into place once the merge returns
-        result = merge_checkpoints(progress=progress, before_publish=report.stage if report else None, **kwargs)
+        result = merge_checkpoints(progress=progress, before_publish=report.stage if report else None,
+                                   distributed=distributed, **kwargs)
         if report is not None:
             report.finish(result)
     finally:
         if report is not None:
             report.discard()
+    if not lead:
+        return EXIT_OK
     plan = result.plan
+    on_ranks = f" on {result.world_size} ranks" if distributed else ""
     if args.dry_run or not args.quiet:
         print(plan.describe())  # includes every mismatch action
+        if distributed:
+            from .streaming.distributed import describe_shards
+
+            print(describe_shards(result.rank_plans))
     else:
         for line in plan.report:  # never silent, even with --quiet
             print(f"mismatch: {line}", file=sys.stderr)
@@ -396,81 +435,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
         target = kwargs.get("output")
         print(f"dry run: {'would write ' + str(target) + ', ' if target else ''}"
-              f"{len(plan.out_specs)} tensors; no tensor data was read and nothing was written")
+              f"{len(plan.out_specs)} tensors{on_ranks}; no tensor data was read and nothing was written")
     elif not args.quiet:
-        print(result.summary())
-        _print_phase_table(result)
-        print("wrote: " + ", ".join(result.paths[:4]) + (f" (+{len(result.paths) - 4} more)" if len(result.paths) > 4 else ""))
-    return EXIT_OK
-
-
-def _join_ranks(args: argparse.Namespace) -> bool:
-    """Whether this streaming merge runs on several ranks: launched by torchrun with more than one process
-    (``--distributed`` is then implied); ``--distributed`` without torchrun is a usage error."""
-    from . import distributed as D
-
-    if not D.launched_by_torchrun():
-        if getattr(args, "distributed", False):
-            from .io.errors import ConfigError
-
-            raise ConfigError("--distributed: not launched by torchrun (RANK, WORLD_SIZE, MASTER_ADDR and "
-                              "MASTER_PORT are not set); run e.g. torchrun --nproc-per-node 2 -m calm_fast.cli "
-                              "merge ... (or drop --distributed for a one-process merge)")
-        return False
-    D.init_from_env()
-    return D.is_distributed()
-
-
-def _leave_ranks() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # pragma: no cover - a broken group is left to the process exit
-            pass
-
-
-def _merge_on_ranks(args: argparse.Namespace, kwargs: Dict[str, Any]) -> int:
-    """The streaming merge on the ranks torchrun started: every rank merges its share; rank 0 reports."""
-    from . import distributed as D
-    from .streaming import merge_checkpoints
-    from .streaming.distributed import describe_shards
-
-    if not kwargs.get("output") and not args.dry_run:
-        from .io.errors import ConfigError
-
-        raise ConfigError("no output (use --out or 'output' in the config), or --dry-run")
-    lead = D.rank() == 0
-    progress = lead and not args.no_progress and not args.quiet and sys.stderr.isatty()
-    report = _JsonReport(args.json, args.dry_run, kwargs.get("output")) if (args.json and lead) else None
-    try:
-        result = merge_checkpoints(progress=progress, before_publish=report.stage if report else None,
-                                   distributed=True, **kwargs)
-        if report is not None:
-            report.finish(result)
-    finally:
-        if report is not None:
-            report.discard()
-    if not lead:
-        return EXIT_OK
-    plan = result.plan
-    if args.dry_run or not args.quiet:
-        print(plan.describe())
-    for line in (plan.report if args.quiet and not args.dry_run else []):
-        print(f"mismatch: {line}", file=sys.stderr)
-    if args.dry_run or not args.quiet:
-        from .streaming.distributed import RankShard
-
-        print(describe_shards([RankShard(st["rank"], result.world_size, frozenset(), [], [], 0, st)
-                               for st in result.rank_plans]))
-    if args.dry_run:
-        target = kwargs.get("output")
-        print(f"dry run: {'would write ' + str(target) + ', ' if target else ''}"
-              f"{len(plan.out_specs)} tensors on {result.world_size} ranks; no tensor data was read and nothing "
-              "was written")
-    elif not args.quiet:
-        print(result.summary() + f" | {result.world_size} ranks")
+        print(result.summary() + (f" | {result.world_size} ranks" if distributed else ""))
         _print_phase_table(result)
         print("wrote: " + ", ".join(result.paths[:4]) + (f" (+{len(result.paths) - 4} more)" if len(result.paths) > 4 else ""))
     return EXIT_OK

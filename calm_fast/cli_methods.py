@@ -316,58 +316,19 @@ def run(args: argparse.Namespace, method: str) -> int:
     """``calm-fast merge`` for an in-memory method (returns the exit code; errors are raised as
     :class:`calm_fast.io.CalmFastIOError` for the CLI to map).
 
-    Under ``torchrun`` (or with ``--distributed``, which requires it) every rank joins the process group
-    and runs the method data-parallel (CALM, AdaMerging, DOGE + AdaMerging) or layer-sharded (DOGE_TA);
-    rank 0 prints, writes the output and ``--json``, the other ranks are quiet.  Rank 0 publishes only
-    after every rank reported success, and every rank learns whether the publication succeeded: a failed
-    rank makes the others fail with :class:`calm_fast.distributed.DistributedError` (exit 7) and nothing
-    is published."""
+    On the ranks ``torchrun`` started (the CLI has joined the process group) every rank runs the method
+    data-parallel (CALM, AdaMerging, DOGE + AdaMerging) or layer-sharded (DOGE_TA); rank 0 prints, writes
+    the output and ``--json``, the other ranks are quiet.  Rank 0 publishes only after every rank reported
+    success, and every rank learns whether the publication succeeded: a failed rank makes the others fail
+    with :class:`calm_fast.distributed.DistributedError` (exit 7) and nothing is published."""
     from . import distributed
 
     key = method_key(method)
-    launched = distributed.launched_by_torchrun()
-    if getattr(args, "distributed", False) and not launched:
-        raise ConfigError("--distributed runs on the ranks that torchrun starts: launch it as "
-                          "'torchrun --nproc-per-node N -m calm_fast.cli merge ...' (no RANK/WORLD_SIZE/MASTER_ADDR/"
-                          "MASTER_PORT in the environment)")
-    created = False
-    if launched:
-        import torch.distributed as dist
-
-        was = dist.is_available() and dist.is_initialized()
-        try:
-            distributed.init_from_env()
-        except (RuntimeError, ValueError) as e:
-            raise distributed.DistributedError(f"could not join the torchrun process group: {e}") from e
-        created = not was
     if distributed.rank() != 0:  # rank 0 speaks and writes for everyone
         args.quiet, args.json, args.no_progress = True, None, True
-    try:
-        if key in DATA_FREE_METHODS:
-            return run_doge(args)
-        return run_data_method(args, key, DATA_METHODS[key])
-    except BaseException:
-        if created:
-            _abort_group()
-        raise
-    finally:
-        if created:
-            _destroy_group()
-
-
-def _abort_group() -> None:
-    """This rank failed: tear the group down so the others' collectives fail now instead of timing out."""
-    import torch.distributed as dist
-
-    try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        pass
-
-
-def _destroy_group() -> None:
-    _abort_group()
+    if key in DATA_FREE_METHODS:
+        return run_doge(args)
+    return run_data_method(args, key, DATA_METHODS[key])
 
 
 class _RankWriter:
@@ -380,6 +341,11 @@ class _RankWriter:
         self.dist = distributed
         self.on = distributed.is_distributed()
         self.writer = distributed.rank() == 0
+
+    def follow(self) -> None:
+        """A rank other than 0: report success, then learn whether rank 0 published."""
+        self.agree()
+        self.done(True)
 
     def agree(self) -> None:
         if not self.on:
@@ -645,8 +611,7 @@ def run_data_method(args: argparse.Namespace, name: str, entry: DataMethod) -> i
 
         ranks = _RankWriter()
         if not ranks.writer:
-            ranks.agree()
-            ranks.done(True)
+            ranks.follow()
             return 0
         t0 = time.perf_counter()
         base_sd = load_state_dict(base, trust_pickle=trust_pickle) if base is not None else None
@@ -902,8 +867,7 @@ def run_doge(args: argparse.Namespace) -> int:
             raise DataError(str(e)) from None
         ranks = _RankWriter()
         if not ranks.writer:
-            ranks.agree()
-            ranks.done(True)
+            ranks.follow()
             return 0
         info["timings"] = {"method": time.perf_counter() - t0}
         record = {"method": name, "params": params, "keys": result.keys,

@@ -109,6 +109,16 @@ def init_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = No
     return True
 
 
+def leave() -> None:
+    """Leave the process group (best effort, no-op without one).  After a failure on this rank, its
+    connections close, so the other ranks' pending collectives fail at once instead of at the timeout."""
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a broken group is left to the process exit
+        pass
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_distributed():

@@ -78,11 +78,11 @@ def shard_plan(plan: MergePlan, world_size: int) -> List[RankShard]:
     return shards
 
 
-def describe_shards(shards: List[RankShard]) -> str:
-    lines = [f"ranks: {len(shards)} (tensors assigned whole, balanced by bytes moved)"]
-    for s in shards:
-        st = s.stats
-        lines.append(f"  rank {s.rank}: {st['tensors']} tensors ({st['merged_tensors']} merged, "
+def describe_shards(rank_stats: List[Dict[str, Any]]) -> str:
+    """The per-rank plan (``RankShard.stats`` of every rank, as ``StreamResult.rank_plans`` holds them)."""
+    lines = [f"ranks: {len(rank_stats)} (tensors assigned whole, balanced by bytes moved)"]
+    for st in rank_stats:
+        lines.append(f"  rank {st['rank']}: {st['tensors']} tensors ({st['merged_tensors']} merged, "
                      f"{st['copied_tensors']} copied), reads {format_bytes(st['read_bytes'])}, writes "
                      f"{format_bytes(st['write_bytes'])}, memory estimate {format_bytes(st['memory_bytes'])}")
     return "\n".join(lines)
@@ -189,11 +189,7 @@ class Comm:
     def abort(self) -> None:
         """Leave the process group after a failure on this rank: its connections close, so the other ranks'
         pending collectives fail at once instead of at the timeout (best effort)."""
-        try:
-            if self.dist.is_initialized():
-                self.dist.destroy_process_group()
-        except Exception:
-            pass
+        D.leave()
 
     def check(self) -> None:
         now = time.monotonic()
