@@ -472,22 +472,9 @@ class CoefficientTrainer:
             tb = time.perf_counter()
             self.fp.zero_grad_()
             total = torch.zeros((), dtype=torch.float32, device=dev)
-            if not self.dp.active:
-                for ti, t in enumerate(self.tasks):
-                    batches = _check_batches(self.sampler(step, t, sizes[t]), sizes[t], t, step, self.method)
-                    acc = torch.zeros((), dtype=torch.float32, device=dev)
-                    for ids in batches:
-                        x = gather_batch(self.data[t], ids, dev)
-                        loss = entropy_loss(self.adapter.logits(self.params, t, x), eps)
-                        loss.backward()
-                        acc += loss.detach()
-                    ent[step, ti] = acc / len(batches)
-                    total += acc
-            else:
-                accs = self._data_parallel_step(step, sizes, eps)
-                for ti in range(T):
-                    ent[step, ti] = accs[ti][0] / accs[ti][1]
-                    total += accs[ti][0]
+            for ti, (acc, n_batches) in enumerate(self._network_step(step, sizes, eps)):
+                ent[step, ti] = acc / n_batches
+                total += acc
             losses[step] = total
             tc = time.perf_counter()
             grad = self.coefficient_grad()
@@ -521,9 +508,9 @@ class CoefficientTrainer:
         return {"loss": losses.cpu().tolist(), "entropy": ent.cpu().tolist(), "evaluations": evaluations,
                 "network_s": t_network, "merge_s": t_merge}
 
-    def _data_parallel_step(self, step: int, sizes: Mapping[str, int], eps) -> List[Tuple[Tensor, int]]:
-        """Forward/backward of this rank's share of the step's batches and the combination across ranks:
-        afterwards ``fp.grad`` holds the gradient summed over every batch on every rank; returns per task
+    def _network_step(self, step: int, sizes: Mapping[str, int], eps) -> List[Tuple[Tensor, int]]:
+        """Forward/backward of the step's batches (data parallel: this rank's share, then the combination
+        across ranks): afterwards ``fp.grad`` holds the gradient summed over every batch; returns per task
         (sum of its batch losses, number of its batches)."""
         dev, N, dp = self.device, self.fp.numel, self.dp
         flat: List[Tuple[int, str, Tensor]] = []
@@ -557,15 +544,16 @@ class CoefficientTrainer:
 
             dp.exact_rounds(len(flat), compute, consume, self.fp.grad)
             self.fp.grad.copy_(total_grad)
-        else:
+        else:  # one process: every batch; data parallel: this rank's batches, then ONE collective
             for j in range(len(flat)):
                 if dp.mine(j):
                     accs[flat[j][0]] += batch_loss(j)
-            extra = self.fp.grad_extra
-            extra.copy_(torch.stack(accs))
-            dp.all_reduce_(self.fp.grad_and_extra)  # ONE collective: gradients and per-task loss sums
-            accs = [extra[ti].clone() for ti in range(self.T)]
-            extra.zero_()
+            if dp.active:  # gradients and per-task loss sums at once
+                extra = self.fp.grad_extra
+                extra.copy_(torch.stack(accs))
+                dp.all_reduce_(self.fp.grad_and_extra)
+                accs = [extra[ti].clone() for ti in range(self.T)]
+                extra.zero_()
         return list(zip(accs, counts))
 
     @torch.no_grad()
@@ -631,9 +619,9 @@ def adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], 
         data_parallel: run on the ranks of the active ``torch.distributed`` process group (e.g. started by
             ``torchrun``; every rank calls with the same arguments).  None (default): on when a group with
             more than one rank is active; False: every rank runs alone.  Each step's batches (every task's, in
-            task order) are dealt out, batch ``j`` to rank ``j % world``; evaluations run on every rank; every
-            rank returns the same result (the CLI writes it from rank 0).  The batch sampler must be a pure
-            function of its arguments (the default ones are).
+            task order) are dealt out, batch ``j`` to rank ``j % world``; evaluations split their batches the
+            same way and sum the correct counts; every rank returns the same result (the CLI writes it from
+            rank 0).  The batch sampler must be a pure function of its arguments (the default ones are).
         dp_reduction: ``"allreduce"`` (default: one all-reduce per step of the flat gradient buffer with the
             per-task loss sums in trailing slots; equal to the 1-process run to float rounding of the
             gradient sum) or ``"exact"`` (per-batch gradients gathered exactly and added in the

@@ -302,9 +302,9 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             group with more than one rank is active; False: every rank runs the whole method alone.  Each
             iteration's batches (all seen tasks' batches in the single-process order) are dealt out,
             batch ``j`` to rank ``j % world``; the teacher's credible-sample pass is split by evaluation
-            batch and its logits gathered exactly; evaluations run on every rank.  Every rank returns the
-            same result; only the caller decides who writes it (the CLI: rank 0).  The batch sampler must
-            be a pure function of its arguments (the default one is).
+            batch and its logits gathered exactly; evaluations split their batches and sum the correct
+            counts.  Every rank returns the same result; only the caller decides who writes it (the CLI:
+            rank 0).  The batch sampler must be a pure function of its arguments (the default one is).
         dp_reduction: how the ranks' gradients are combined each iteration: ``"allreduce"`` (default: each
             rank sums its batches, then ONE all-reduce of the flat gradient buffer with the loss in a
             trailing slot — the faithful mode reduces the per-batch accumulator instead; equal to the
@@ -450,63 +450,51 @@ def calm(pretrained: StateDict, finetuned: Union[Mapping[str, StateDict], Sequen
             loss_acc = torch.zeros((), dtype=torch.float32, device=device)
             params = fp.as_dict()
             fp.zero_grad_()
-            if not dp.active:
-                for t, batches in drawn:
-                    for ids in batches:
-                        if faithful:
-                            fp.zero_grad_()
-                        x = select_batch(data[t], ids, device)
-                        y = labels_of[t].index_select(0, ids).to(device, non_blocking=True)
-                        loss = F.cross_entropy(adapter.logits(params, t, x), y)
-                        loss.backward()
-                        loss_acc += loss.detach()
-                        if faithful:
-                            tc = time.perf_counter()
-                            ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
-                            t_update += time.perf_counter() - tc
-                            ta += time.perf_counter() - tc  # not network time
-            else:
-                flat_batches = [(t, ids) for t, batches in drawn for ids in batches]
-                if it == 0:  # once per step: every rank must have drawn the same batches
-                    dp.check_batches(flat_batches, f"the batches of step {s}")
+            flat_batches = [(t, ids) for t, batches in drawn for ids in batches]
+            if it == 0:  # once per step: every rank must have drawn the same batches (no-op in one process)
+                dp.check_batches(flat_batches, f"the batches of step {s}")
 
-                def batch_loss(j: int) -> Tensor:
-                    t, ids = flat_batches[j]
-                    x = select_batch(data[t], ids, device)
-                    y = labels_of[t].index_select(0, ids).to(device, non_blocking=True)
-                    loss = F.cross_entropy(adapter.logits(params, t, x), y)
-                    loss.backward()
-                    return loss.detach()
+            def batch_loss(j: int) -> Tensor:
+                t, ids = flat_batches[j]
+                x = select_batch(data[t], ids, device)
+                y = labels_of[t].index_select(0, ids).to(device, non_blocking=True)
+                loss = F.cross_entropy(adapter.logits(params, t, x), y)
+                loss.backward()
+                return loss.detach()
 
-                if dp.exact:
-                    def compute(j: int) -> Tensor:
+            if dp.exact:
+                def compute(j: int) -> Tensor:
+                    fp.zero_grad_()
+                    loss = batch_loss(j)
+                    return torch.cat([fp.grad, loss.reshape(1)])
+
+                def consume(j: int, vec: Tensor) -> None:
+                    nonlocal loss_acc
+                    if faithful:  # the single-process order: per batch, accumulate into A
+                        fp.grad.copy_(vec[:fp.numel])
+                        ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
+                    else:         # the single-process order: gradients summed batch by batch
+                        G_exact.add_(vec[:fp.numel])
+                    loss_acc += vec[fp.numel]
+
+                if G_exact is not None:
+                    G_exact.zero_()
+                dp.exact_rounds(nb, compute, consume, fp.grad)
+                if not faithful:
+                    fp.grad.copy_(G_exact)
+            else:  # one process: every batch; data parallel: this rank's batches, then ONE collective
+                for j in range(nb):
+                    if not dp.mine(j):
+                        continue
+                    if faithful:
                         fp.zero_grad_()
-                        loss = batch_loss(j)
-                        return torch.cat([fp.grad, loss.reshape(1)])
-
-                    def consume(j: int, vec: Tensor) -> None:
-                        nonlocal loss_acc
-                        if faithful:  # the single-process order: per batch, accumulate into A
-                            fp.grad.copy_(vec[:fp.numel])
-                            ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
-                        else:         # the single-process order: gradients summed batch by batch
-                            G_exact.add_(vec[:fp.numel])
-                        loss_acc += vec[fp.numel]
-
-                    if G_exact is not None:
-                        G_exact.zero_()
-                    dp.exact_rounds(nb, compute, consume, fp.grad)
-                    if not faithful:
-                        fp.grad.copy_(G_exact)
-                else:
-                    for j in range(nb):
-                        if dp.mine(j):
-                            if faithful:
-                                fp.zero_grad_()
-                            loss_acc += batch_loss(j)
-                            if faithful:  # this rank's part of A (A is zero at the start of an iteration)
-                                ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
-                    # ONE collective: the summed gradients (or, faithful, the accumulator) and the loss sum
+                    loss_acc += batch_loss(j)
+                    if faithful:  # (data parallel: this rank's part of A; A is zero at the start of an iteration)
+                        tc = time.perf_counter()
+                        ops.calm_accumulate_(A, fp.grads, tau_prev, tau_new, eta_eff, faithful=True)
+                        t_update += time.perf_counter() - tc
+                        ta += time.perf_counter() - tc  # not network time
+                if dp.active:  # the summed gradients (or, faithful, the accumulator) and the loss sum at once
                     buf = A_store if faithful else fp.grad_and_extra
                     buf[-1] = loss_acc
                     dp.all_reduce_(buf)
