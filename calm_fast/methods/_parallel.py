@@ -180,6 +180,22 @@ def layer_owners(costs: Sequence[int], shard_layers: Optional[bool], method: str
     return distributed.assign_by_cost([int(c) for c in costs], distributed.world_size())
 
 
+def gather_layer_results(owner: Sequence[int], keys: Sequence[str], deltas: Dict[str, Tensor],
+                         losses: Dict[str, Tensor], delta_shapes: Sequence[Sequence[int]], steps: int,
+                         order: Sequence[int], method: str, device=None) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """DOGE's layer-sharded stage: every layer's δ (``delta_shapes[l]``) and loss curve (``steps`` values),
+    computed on its owning rank (``deltas``/``losses``: this rank's, by key), exactly on every rank, as float64
+    dicts keyed in ``order`` (layer indices: the 1-process order of the dicts)."""
+    local: Dict[int, Tensor] = {}
+    for l, key in enumerate(keys):
+        if key in deltas:
+            local[2 * l], local[2 * l + 1] = deltas[key], losses[key]
+    L = len(keys)
+    shapes = [s for l in range(L) for s in (tuple(delta_shapes[l]), (int(steps),))]
+    items = gather_items([owner[i // 2] for i in range(2 * L)], local, torch.float64, shapes, method, device)
+    return {keys[l]: items[2 * l] for l in order}, {keys[l]: items[2 * l + 1] for l in order}
+
+
 def gather_items(owner: Sequence[int], local: Dict[int, Tensor], dtype: torch.dtype,
                  shapes: Sequence[Sequence[int]], method: str, device=None) -> List[Tensor]:
     """Work items computed on their owning ranks (``local``: item -> tensor on this rank), exactly, on every

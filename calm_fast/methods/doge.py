@@ -22,7 +22,7 @@ import torch
 
 from .. import distributed, ops, selection
 from ._common import Patterns, StateDict, check_fraction, prepare
-from ._parallel import gather_items, layer_owners
+from ._parallel import gather_layer_results, layer_owners
 
 Tensor = torch.Tensor
 
@@ -268,18 +268,12 @@ def doge_ta(pretrained: Optional[StateDict], finetuned: Sequence[StateDict], *, 
         for i, l in enumerate(ls):
             deltas[prep.keys[l]] = delta[i]
             losses[prep.keys[l]] = loss[:, i].cpu()
-    if owner is not None:  # every layer's δ (item 2l) and loss curve (item 2l + 1), exactly, on every rank
-        local = {}
-        for l, key in enumerate(prep.keys):
-            if key in deltas:
-                local[2 * l], local[2 * l + 1] = deltas[key], losses[key]
-        shapes = [s for l in range(L) for s in (tuple(prep.inputs[l].shape), (int(steps),))]
-        items = gather_items([owner[i // 2] for i in range(2 * L)], local, torch.float64, shapes, method, dev)
-        deltas, losses = {}, {}
-        for l in (l for ls in groups.values() for l in ls):  # the 1-process order of the dicts
-            key = prep.keys[l]
-            deltas[key] = items[2 * l].to(dtype)
-            losses[key] = items[2 * l + 1].cpu()
+    if owner is not None:  # every layer's δ and loss curve, exactly, on every rank (the 1-process dict order)
+        deltas, losses = gather_layer_results(owner, prep.keys, deltas, losses,
+                                              [prep.inputs[l].shape for l in range(L)], steps,
+                                              [l for ls in groups.values() for l in ls], method, dev)
+        deltas = {k: v.to(dtype) for k, v in deltas.items()}
+        losses = {k: v.cpu() for k, v in losses.items()}
 
     # Trim thresholds (P1, global per task over the original task vectors) and the merge.
     thresholds = _thresholds(prep, density, dtype, tau_of)

@@ -41,7 +41,7 @@ from .. import distributed, ops
 from ..models.base import Inputs, ModelAdapter
 from ._common import Patterns, StateDict, check_fraction, check_params, prepare
 from ._data import task_arguments
-from ._parallel import gather_items, layer_owners
+from ._parallel import gather_layer_results, layer_owners
 from .adamerging import AdaMergingResult, BatchSampler, CoefficientTrainer, MergeGroup, resolve_settings
 from .doge import (DOGE_INCLUDE, ETA_VISION, SUBSPACE_SOLVERS, _thresholds, check_doge_keys, row_constants,
                    shared_subspace)
@@ -216,18 +216,15 @@ def doge_adamerging(pretrained: StateDict, finetuned: Union[Mapping[str, StateDi
                 x = tau[i, t]
                 trimmed[t * L + l] = torch.where(x.abs() >= thresholds[t], x + delta[i, t], torch.zeros_like(x))
         del tau, delta
-    if owner is not None:  # δ (item 2l) and loss curve (item 2l + 1) of every layer, exactly, on every rank
-        local = {}
-        for l, key in enumerate(prep.keys):
-            if key in deltas:
-                local[2 * l], local[2 * l + 1] = deltas[key], doge_losses[key]
-        shapes = [s for l in range(L) for s in ((T,) + tuple(prep.inputs[l].shape), (int(doge_steps),))]
-        items = gather_items([owner[i // 2] for i in range(2 * L)], local, torch.float64, shapes, method, dev)
-        deltas, doge_losses = {}, {}
-        for l in (l for ls in shape_groups.values() for l in ls):  # the 1-process order
+    if owner is not None:  # δ and loss curve of every layer, exactly, on every rank (the 1-process order)
+        order = [l for ls in shape_groups.values() for l in ls]
+        deltas, doge_losses = gather_layer_results(owner, prep.keys, deltas, doge_losses,
+                                                   [(T,) + tuple(prep.inputs[l].shape) for l in range(L)],
+                                                   doge_steps, order, method, dev)
+        deltas = {k: v.float().cpu() for k, v in deltas.items()}
+        doge_losses = {k: v.cpu() for k, v in doge_losses.items()}
+        for l in order:
             key = prep.keys[l]
-            deltas[key] = items[2 * l].float().cpu()
-            doge_losses[key] = items[2 * l + 1].cpu()
             d = deltas[key].to(dev)
             for t in range(T):
                 x = tau_of(t, l)
